@@ -1,0 +1,30 @@
+# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv demo test lint notebooks lab bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dcal demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check dcal diagnostics tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --quick
+
+clean:
+	rm -rf runs .pytest_cache

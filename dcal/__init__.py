@@ -1,0 +1,13 @@
+"""dcal: Dual Cross-Attention Learning (CVPR 2022) on timm ViT/DeiT backbones."""
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
+from .layers import attention_rollout
+from .loss import UncertaintyLoss, param_groups
+from .model import DCAL, GLCA, DCALOutput, build_model, derangement
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DCAL", "GLCA", "DCALOutput", "build_model", "derangement", "attention_rollout",
+    "UncertaintyLoss", "param_groups",
+    "ConfigError", "RolloutError", "CheckpointError", "NonFiniteLossError",
+]

@@ -1,0 +1,194 @@
+"""The attention pieces DCAL needs, written against timm's `Block`/`Attention` so that timm weights run unchanged.
+
+Each function takes a timm block (or its attention) and runs one stage of it. Nothing here owns parameters:
+SA, GLCA and PWCA differ only in which queries meet which keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, RolloutError
+
+__all__ = [
+    "check_block",
+    "qkv",
+    "attention_output",
+    "head_mean_attention",
+    "sa_block",
+    "pwca_block",
+    "glca_block",
+    "attention_rollout",
+]
+
+
+def check_block(block: nn.Module, name: str) -> None:
+    """Raise a ConfigError naming `name` unless `block` is a pre-norm timm block we know how to run."""
+    attn = getattr(block, "attn", None)
+    needed = ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    if attn is None or any(not hasattr(block, a) for a in needed):
+        raise ConfigError(f"{name}: {type(block).__name__} is not a pre-norm timm Block (needs attn, norm1, mlp, ...)")
+    if not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "scale")):
+        raise ConfigError(f"{name}.attn: {type(attn).__name__} is not a timm Attention with a fused qkv projection")
+
+
+def qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of timm's `Attention` for the normalised tokens x (B, N, C); each (B, H, N, hd)."""
+    B, N, _ = x.shape
+    H = attn.num_heads
+    t = attn.qkv(x).reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+    q, k, v = t.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, o: Tensor, x: Tensor) -> Tensor:
+    """timm's post-attention stage: heads merged, (optional) norm and gate, projection, dropout.
+
+    Args:
+        o: (B, H, Nq, hd) attention output.
+        x: (B, Nq, C) the normalised query tokens (timm's gate reads them).
+    """
+    B, H, Nq, hd = o.shape
+    o = o.transpose(1, 2).reshape(B, Nq, H * hd)  # (B, Nq, H*hd)
+    o = getattr(attn, "norm", nn.Identity())(o)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        o = o * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    p = attn.attn_drop.p if attn.training else 0.0
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+@torch.no_grad()
+def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Softmax attention weights averaged over heads, fp32, outside autocast: (B, N, N).
+
+    Recomputes q·kᵀ without gradient so that the differentiable path can keep the fused SDPA kernel.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        a = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, N, N)
+        return a.softmax(dim=-1).mean(dim=1)
+
+
+def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention output and head-mean weights, computing the softmax once when that is exact and cheap."""
+    no_dropout = not (attn.training and attn.attn_drop.p > 0)
+    if not torch.is_grad_enabled() and q.dtype == torch.float32 and no_dropout:
+        # Inference: one explicit softmax serves both the output and the rollout (no second q·kᵀ).
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        return a @ v, a.mean(dim=1)
+    return _sdpa(attn, q, k, v), head_mean_attention(q, k, attn.scale)
+
+
+def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One SA block, exactly timm's `Block.forward`, also returning its k, v and head-mean weights.
+
+    Returns:
+        x (B, N, C), k and v (B, H, N, hd), weights (B, N, N) fp32 or None.
+    """
+    attn = block.attn
+    y = block.norm1(x)
+    q, k, v = qkv(attn, y)
+    if need_weights:
+        o, w = _attend_with_weights(attn, q, k, v)
+    else:
+        o, w = _sdpa(attn, q, k, v), None
+    x = x + block.drop_path1(block.ls1(attention_output(attn, o, y)))
+    return _mlp_residual(block, x), k, v, w
+
+
+def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor) -> Tensor:
+    """One PWCA block on the shared SA weights: queries of image 1 attend to [K1; K2], [V1; V2].
+
+    Args:
+        x: (B, N, C) PWCA hidden stream of image 1.
+        k2, v2: (B, H, N, hd) keys/values of each row's paired image, from the SA pass at this block.
+    """
+    attn = block.attn
+    y = block.norm1(x)
+    q, k1, v1 = qkv(attn, y)
+    k = torch.cat([k1, k2.to(k1.dtype)], dim=2)  # (B, H, 2N, hd)
+    v = torch.cat([v1, v2.to(v1.dtype)], dim=2)  # (B, H, 2N, hd)
+    x = x + block.drop_path1(block.ls1(attention_output(attn, _sdpa(attn, q, k, v), y)))
+    return _mlp_residual(block, x)
+
+
+def glca_block(block: nn.Module, x: Tensor, query_index: Tensor) -> Tensor:
+    """One GLCA block: the tokens at `query_index` (CLS + the local ones) attend to all tokens.
+
+    Only the query tokens go through the projection, residual and MLP (DCAL_METHOD.md §3).
+
+    Args:
+        x: (B, N, C) input tokens (pre-norm).
+        query_index: (B, Nq) token indices of the queries (0 = CLS).
+
+    Returns:
+        (B, Nq, C) the query tokens after the block.
+    """
+    attn = block.attn
+    B, N, C = x.shape
+    H = attn.num_heads
+    y = block.norm1(x)  # (B, N, C)
+    gather = query_index[:, :, None].expand(-1, -1, C)  # (B, Nq, C)
+    yq = y.gather(1, gather)  # (B, Nq, C)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    D = w.shape[0] // 3
+    q = F.linear(yq, w[:D], None if b is None else b[:D]).reshape(B, -1, H, D // H).transpose(1, 2)  # (B, H, Nq, hd)
+    kv = F.linear(y, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)  # (B, H, N, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    xq = x.gather(1, gather)  # (B, Nq, C)
+    xq = xq + block.drop_path1(block.ls1(attention_output(attn, _sdpa(attn, q, k, v), yq)))
+    return _mlp_residual(block, xq)
+
+
+@torch.no_grad()
+def attention_rollout(weights: list[Tensor], names: list[str] | None = None, residual: float = 0.5) -> Tensor:
+    """CLS row of the attention rollout Ŝ = S̄_L ⋯ S̄_1, S̄_l = rownorm(0.5·S_l + 0.5·I), in O(L·N²).
+
+    r ← e_0; for l = L … 1: r ← r · S̄_l. With z = rowsum(0.5·S + 0.5·I), r·S̄ = 0.5·(r/z)·S + 0.5·(r/z),
+    so neither the identity nor any N×N×N product is ever formed.
+
+    Args:
+        weights: per block, in forward order, head-mean attention weights (B, N, N), rows summing to 1.
+        names: the block names used in error messages.
+        residual: weight of the identity (0.5 in the paper).
+
+    Returns:
+        (B, N) fp32: the first row of Ŝ over all tokens (prefix tokens included).
+
+    Raises:
+        RolloutError naming the block whose map is missing, mis-shaped or non-finite.
+    """
+    if not weights:
+        raise RolloutError("attention rollout got no attention maps (no SA block recorded its weights)")
+    names = names or [f"blocks.{i}" for i in range(len(weights))]
+    ref = None
+    for name, s in zip(names, weights):
+        if s is None:
+            raise RolloutError(f"{name}: no attention map was recorded")
+        if s.dim() != 3 or s.shape[1] != s.shape[2] or (ref is not None and s.shape != ref):
+            raise RolloutError(f"{name}: attention map has shape {tuple(s.shape)}, expected (B, N, N) "
+                               f"{'' if ref is None else 'as ' + str(tuple(ref))}")
+        ref = s.shape
+        if not torch.isfinite(s).all():
+            raise RolloutError(f"{name}: attention map holds non-finite values")
+    B, N, _ = ref
+    with torch.autocast(weights[0].device.type, enabled=False):
+        r = torch.zeros(B, N, device=weights[0].device, dtype=torch.float32)
+        r[:, 0] = 1.0
+        for s in reversed(weights):
+            s = s.float()
+            z = (1.0 - residual) * s.sum(dim=-1) + residual  # (B, N) row sums of S̄ before normalising
+            rz = r / z
+            r = (1.0 - residual) * (rz.unsqueeze(1) @ s).squeeze(1) + residual * rz  # (B, N)
+    return r

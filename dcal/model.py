@@ -1,0 +1,312 @@
+"""DCAL: a timm ViT/DeiT (the SA branch) plus global-local (GLCA) and pair-wise (PWCA) cross-attention.
+
+See DCAL_METHOD.md. The SA branch *is* the timm model (`model.backbone`, same parameters, timm's state-dict
+keys); GLCA adds one block with its own weights, final norm and head (`model.glca`); PWCA adds no
+parameters: it re-runs the backbone blocks on a second hidden stream whose keys/values are extended with
+the paired image's keys/values from the SA pass.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+from torch import Tensor
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+from .layers import attention_rollout, check_block, glca_block, pwca_block, sa_block
+from .pretrained import load_pretrained
+
+__all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement"]
+
+GLCA_PLACEMENTS = ("stacked", "parallel")
+GLCA_INITS = ("copy", "random")
+GLCA_POOLS = ("cls", "mean")
+_VIT_FAMILIES = ("vision_transformer", "deit", "vision_transformer_hybrid")
+
+
+@dataclass
+class DCALOutput:
+    """What one forward pass returns.
+
+    sa_logits (B, C); glca_logits (B, C) or None (GLCA off); pwca_logits (B, C) or None (eval or PWCA
+    off); rollout (B, P): CLS row of the accumulated rollout over the P patch tokens (prefix columns
+    dropped, not renormalised); local_index (B, k): the GLCA-selected patches (0..P−1), best first.
+    """
+
+    sa_logits: Tensor
+    glca_logits: Tensor | None
+    pwca_logits: Tensor | None
+    rollout: Tensor
+    local_index: Tensor
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random permutation of 0..n−1 with no fixed point (rejection sampling; ~e tries)."""
+    if n < 2:
+        raise ConfigError(f"a derangement needs n >= 2 (got n={n}): PWCA cannot pair a micro-batch of {n}")
+    ar = torch.arange(n)
+    while True:
+        p = torch.randperm(n, generator=generator)
+        if not bool((p == ar).any()):
+            return p
+
+
+class GLCA(nn.Module):
+    """Everything GLCA adds: one pre-norm block with its own weights, its own final norm and head.
+
+    Args:
+        pool: what the head reads. ``"cls"`` (DCAL_METHOD.md §3): GLCA's CLS output. Note that with one
+            GLCA block the CLS output depends only on the CLS query (which attends to every token), not on
+            which local tokens were selected: the local queries' outputs never reach the logits.
+            ``"mean"``: the mean of the 1+k query outputs (CLS and the local tokens), so that the
+            selected tokens do shape the GLCA logits.
+    """
+
+    def __init__(self, block: nn.Module, norm: nn.Module, head: nn.Module, pool: str = "cls"):
+        super().__init__()
+        if pool not in GLCA_POOLS:
+            raise ConfigError(f"glca_pool must be one of {GLCA_POOLS}, got {pool!r}")
+        self.block = block
+        self.norm = norm
+        self.head = head
+        self.pool = pool
+
+    def forward(self, x: Tensor, query_index: Tensor) -> Tensor:
+        """x (B, N, C) tokens, query_index (B, 1+k) with CLS first → logits (B, num_classes)."""
+        xq = self.norm(glca_block(self.block, x, query_index))  # (B, 1+k, C)
+        return self.head(xq[:, 0] if self.pool == "cls" else xq.mean(dim=1))
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool}"
+
+
+def _init_like_timm(module: nn.Module) -> None:
+    """timm's default ViT init (trunc-normal 0.02 linears, zero bias, unit norms)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DCAL(nn.Module):
+    """Dual Cross-Attention Learning on a timm VisionTransformer.
+
+    Args:
+        backbone: a timm `VisionTransformer` with a class token (the SA branch; its weights are SA's).
+        glca: build the GLCA branch.
+        pwca: run the PWCA branch in training.
+        glca_ratio: R, the fraction of patch tokens GLCA selects (k = max(1, floor(R·P))).
+        glca_placement: ``"stacked"`` (GLCA reads the last block's output, rollout over L blocks) or
+            ``"parallel"`` (GLCA reads block L's input, rollout over L−1 blocks).
+        glca_init: ``"copy"`` (GLCA starts from the last SA block, final norm and head) or ``"random"``.
+        glca_pool: ``"cls"`` (the head reads GLCA's CLS output) or ``"mean"`` (mean of the 1+k query
+            outputs); see `GLCA`.
+        pwca_detach_kv: stop gradients through image 2's keys/values in PWCA (the paper is silent; off).
+        grad_checkpointing: recompute SA and PWCA blocks in backward (`torch.utils.checkpoint`).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        glca: bool = True,
+        pwca: bool = True,
+        glca_ratio: float = 0.1,
+        glca_placement: str = "stacked",
+        glca_init: str = "random",
+        glca_pool: str = "cls",
+        pwca_detach_kv: bool = False,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if getattr(backbone, "cls_token", None) is None:
+            raise ConfigError(f"backbone {type(backbone).__name__} has no class token: DCAL reads the CLS output "
+                              "of every branch (create it with class_token=True)")
+        if getattr(backbone, "dynamic_img_size", False):
+            raise ConfigError("backbone: dynamic_img_size=True is not supported (the rollout needs a fixed grid)")
+        if not 0.0 < glca_ratio <= 1.0:
+            raise ConfigError(f"glca_ratio must be in (0, 1], got {glca_ratio}")
+        if glca_placement not in GLCA_PLACEMENTS:
+            raise ConfigError(f"glca_placement must be one of {GLCA_PLACEMENTS}, got {glca_placement!r}")
+        if glca_pool not in GLCA_POOLS:
+            raise ConfigError(f"glca_pool must be one of {GLCA_POOLS}, got {glca_pool!r}")
+        if glca_init not in GLCA_INITS:
+            raise ConfigError(f"glca_init must be one of {GLCA_INITS}, got {glca_init!r}")
+        for i, blk in enumerate(backbone.blocks):
+            check_block(blk, f"backbone.blocks.{i}")
+        if glca_placement == "parallel" and len(backbone.blocks) < 2:
+            raise ConfigError("glca_placement='parallel' needs a backbone with at least 2 blocks")
+        self.backbone = backbone
+        self.glca_ratio = glca_ratio
+        self.glca_placement = glca_placement
+        self.pwca_enabled = pwca
+        self.pwca_detach_kv = pwca_detach_kv
+        self.grad_checkpointing = grad_checkpointing
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        self.grid_size = tuple(backbone.patch_embed.grid_size)
+        self.patch_size = tuple(backbone.patch_embed.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_local = max(1, math.floor(glca_ratio * self.num_patches))
+        self.glca = self._make_glca(glca_init, glca_pool) if glca else None
+
+    # ----------------------------------------------------------------- construction
+    def _make_glca(self, init: str, pool: str) -> GLCA:
+        bb = self.backbone
+        glca = GLCA(copy.deepcopy(bb.blocks[-1]), copy.deepcopy(bb.norm), copy.deepcopy(bb.head), pool=pool)
+        if init == "random":
+            _init_like_timm(glca)
+        return glca
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    # ----------------------------------------------------------------- forward
+    def _run(self, fn, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, x: Tensor, pair_index: Tensor | None = None) -> DCALOutput:
+        """Run SA (+ GLCA) (+ PWCA in training). `pair_index` (B,) overrides the random derangement."""
+        bb = self.backbone
+        B = x.shape[0]
+        use_pwca = self.pwca_enabled and self.training
+        if use_pwca:
+            pair_index = self._pairs(B, x.device, pair_index)
+        blocks = list(bb.blocks)
+        L = len(blocks)
+        rollout_depth = L if self.glca_placement == "stacked" else L - 1
+
+        h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))  # (B, N, C)
+        h_pw = h
+        weights: list[Tensor] = []
+        glca_input = None
+        for i, blk in enumerate(blocks):
+            need_w = i < rollout_depth
+            if i == L - 1 and self.glca_placement == "parallel":
+                glca_input = h
+            h, k, v, w = self._run(lambda t, b=blk, nw=need_w: sa_block(b, t, nw), h)
+            if need_w:
+                weights.append(w)
+            if use_pwca:
+                k2, v2 = k[pair_index], v[pair_index]  # (B, H, N, hd): image 2's K/V from this SA pass
+                if self.pwca_detach_kv:
+                    k2, v2 = k2.detach(), v2.detach()
+                h_pw = self._run(lambda t, k_, v_, b=blk: pwca_block(b, t, k_, v_), h_pw, k2, v2)
+        if glca_input is None:
+            glca_input = h
+
+        names = [f"backbone.blocks.{i}" for i in range(rollout_depth)]
+        full = attention_rollout(weights, names)  # (B, N)
+        rollout = full[:, self.num_prefix_tokens:]  # (B, P)
+        local_index = rollout.topk(self.num_local, dim=1, sorted=True).indices  # (B, k)
+
+        sa_logits = bb.forward_head(bb.norm(h))
+        glca_logits = None
+        if self.glca is not None:
+            cls = torch.zeros(B, 1, dtype=torch.long, device=x.device)
+            query_index = torch.cat([cls, local_index + self.num_prefix_tokens], dim=1)  # (B, 1+k)
+            glca_logits = self.glca(glca_input, query_index)
+        pwca_logits = bb.forward_head(bb.norm(h_pw)) if use_pwca else None
+        return DCALOutput(sa_logits, glca_logits, pwca_logits, rollout, local_index)
+
+    def _pairs(self, B: int, device: torch.device, pair_index: Tensor | None) -> Tensor:
+        if pair_index is None:
+            if B < 2:
+                raise ConfigError("PWCA is on but the micro-batch has 1 image: pairs need another image of the "
+                                  "batch (use a micro-batch >= 2, or set pwca=False)")
+            return derangement(B).to(device)
+        if pair_index.shape != (B,) or pair_index.dtype != torch.long:
+            raise ConfigError(f"pair_index must be a LongTensor of shape ({B},), got {pair_index.dtype} "
+                              f"{tuple(pair_index.shape)}")
+        if bool(((pair_index < 0) | (pair_index >= B)).any()):
+            raise ConfigError(f"pair_index values must lie in 0..{B - 1}")
+        return pair_index.to(device)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Fused class probabilities softmax(SA) + softmax(GLCA) (SA alone when GLCA is off): (B, C)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x)
+        finally:
+            self.train(was_training)
+        p = out.sa_logits.float().softmax(-1)
+        if out.glca_logits is not None:
+            p = p + out.glca_logits.float().softmax(-1)
+        return p
+
+    def extra_repr(self) -> str:
+        return (f"glca={self.glca is not None}, pwca={self.pwca_enabled}, glca_ratio={self.glca_ratio}, "
+                f"k={self.num_local}/{self.num_patches}, placement={self.glca_placement}")
+
+
+def build_model(
+    backbone: str,
+    *,
+    num_classes: int,
+    img_size: int,
+    pretrained: bool | str = False,
+    glca: bool = True,
+    pwca: bool = True,
+    glca_ratio: float = 0.1,
+    glca_placement: str = "stacked",
+    drop_path_rate: float = 0.1,
+    glca_init: str | None = None,
+    glca_pool: str = "cls",
+    pwca_detach_kv: bool = False,
+    grad_checkpointing: bool = False,
+    **timm_kwargs,
+) -> DCAL:
+    """Create DCAL on the timm ViT/DeiT `backbone` (e.g. ``"deit_tiny_patch16_224"``).
+
+    Args:
+        backbone: any timm VisionTransformer name with a class token.
+        num_classes, img_size, drop_path_rate: passed to `timm.create_model`.
+        pretrained: False; True (timm's own download); or a path to a local ``.safetensors``/``.pth``
+            timm checkpoint (position embedding resampled, a mismatched head dropped).
+        glca_init: ``"copy"`` or ``"random"``; default ``"copy"`` when pretrained, else ``"random"``.
+        timm_kwargs: any other `timm.create_model` argument (e.g. ``patch_size``, ``embed_dim``, ``depth``).
+    """
+    if not isinstance(img_size, int) or img_size <= 0:
+        raise ConfigError(f"img_size must be a positive int, got {img_size!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not 0.0 < glca_ratio <= 1.0:
+        raise ConfigError(f"glca_ratio must be in (0, 1], got {glca_ratio}")
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        raise ConfigError(f"model.backbone: unknown timm model {backbone!r}" + (f" (did you mean one of {close}?)" if close else ""))
+    family = timm.models.model_entrypoint(backbone).__module__.rsplit(".", 1)[-1]
+    if family not in _VIT_FAMILIES:
+        raise ConfigError(f"model.backbone: {backbone!r} is not a ViT/DeiT (timm VisionTransformer); it is a "
+                          f"timm '{family}' model. Use a ViT/DeiT name, e.g. 'deit_tiny_patch16_224'")
+    from_file = isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__")
+    kwargs = dict(num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate, **timm_kwargs)
+    try:
+        net = timm.create_model(backbone, pretrained=bool(pretrained) and not from_file, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"model.backbone: timm could not create {backbone!r} with {kwargs}: {e}") from e
+    if not isinstance(net, VisionTransformer):
+        raise ConfigError(f"model.backbone: {backbone!r} is not a ViT/DeiT (timm VisionTransformer)")
+    patch = tuple(net.patch_embed.patch_size)
+    if img_size % patch[0] or img_size % patch[1]:
+        raise ConfigError(f"img_size {img_size} is not divisible by the patch size {patch} of {backbone!r}")
+    if from_file:
+        load_pretrained(net, pretrained)
+    if glca_init is None:
+        glca_init = "copy" if pretrained else "random"
+    return DCAL(net, glca=glca, pwca=pwca, glca_ratio=glca_ratio, glca_placement=glca_placement,
+                glca_init=glca_init, glca_pool=glca_pool, pwca_detach_kv=pwca_detach_kv, grad_checkpointing=grad_checkpointing)
