@@ -1,44 +1,168 @@
-"""Command line: `dcal demo | train | eval | make-dataset | pretrain | doctor` (argparse lives here only)."""
+"""Command line (argparse lives here only):
+
+  dcal train --preset NAME --out DIR [--seed N] [--set key=value ...] [--resume]
+  dcal eval --checkpoint FILE [--set key=value ...]
+  dcal make-dataset --format cub --out DIR [--seed N] [--set synthetic.key=value ...]
+  dcal pretrain [--out DIR]       the project's own small backbone (dcal/assets)
+  dcal demo [--out DIR]           fine-tune the demo preset, print the numbers, write the doctor's report
+  dcal doctor RUN_DIR [--json] [--html FILE]
+
+Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal train ...`.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
-
-import torch
-import torch.nn.functional as F
+import time
+from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import dcal
+def _callbacks(with_diagnostics: bool) -> list:
+    """The diagnostics callbacks a CLI run attaches (dcal itself never imports diagnostics)."""
+    if not with_diagnostics:
+        return []
+    try:
+        import diagnostics
+    except ImportError as e:  # the package ships both; a broken install must say so, not train blind
+        raise SystemExit(f"dcal: cannot import the diagnostics package ({e}); reinstall with `pip install -e .`")
+    return diagnostics.default_callbacks()
 
-    torch.manual_seed(0)
-    model = dcal.build_model("vit_tiny_patch16_224", num_classes=10, img_size=64, patch_size=8,
-                             embed_dim=96, depth=4, num_heads=3).train()
-    loss_fn = dcal.UncertaintyLoss(3)
-    x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
-    out = model(x)
-    losses = [F.cross_entropy(t, y) for t in (out.sa_logits, out.glca_logits, out.pwca_logits)]
-    total = loss_fn(losses)
-    total.backward()
-    print(model.extra_repr())
-    print(f"sa_logits {tuple(out.sa_logits.shape)}  glca_logits {tuple(out.glca_logits.shape)}  "
-          f"pwca_logits {tuple(out.pwca_logits.shape)}")
-    print(f"rollout {tuple(out.rollout.shape)}  local_index (k={model.num_local}):")
-    for i, row in enumerate(out.local_index.tolist()):
-        print(f"  image {i}: patches {row}")
-    print("branch losses " + ", ".join(f"{n}={v.item():.4f}" for n, v in zip(("sa", "glca", "pwca"), losses)))
-    print(f"uncertainty-weighted loss {total.item():.4f}")
+
+def _config(args) -> "Config":  # noqa: F821
+    from .config import apply_overrides, preset
+
+    cfg = preset(args.preset)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+        if cfg.data.format == "synthetic" and "seed" not in cfg.data.synthetic:
+            cfg.data.synthetic["seed"] = args.seed
+    return apply_overrides(cfg, args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .config import validate
+    from .train import build_trainer
+
+    cfg = _config(args)
+    validate(cfg)
+    trainer = build_trainer(cfg, args.out, callbacks=_callbacks(not args.no_diagnostics), resume=args.resume)
+    trainer.fit()
+    if trainer.rank == 0:
+        print(json.dumps(trainer.last_eval))
     return 0
 
 
+def cmd_eval(args) -> int:
+    import torch
+
+    from .config import apply_overrides
+    from .train import build_datasets, config_of_checkpoint, evaluate, load_checkpoint, model_from_config, normalisation
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = apply_overrides(config_of_checkpoint(ckpt), args.set or [])
+    cfg.model.pretrained = False  # the checkpoint holds every weight
+    _, test_ds, num_classes = build_datasets(cfg, *normalisation(cfg.model.backbone))
+    model = model_from_config(cfg, num_classes)
+    model.load_state_dict(ckpt["model"])
+    loader = torch.utils.data.DataLoader(test_ds, batch_size=64)
+    res, _ = evaluate(model, loader, torch.device("cpu"))
+    print(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt["step"], **res}))
+    return 0
+
+
+def cmd_make_dataset(args) -> int:
+    from . import data as D
+    from .config import _parse_value
+
+    fields = {"seed": args.seed}
+    for item in args.set or []:
+        k, _, v = item.partition("=")
+        fields[k.removeprefix("synthetic.")] = _parse_value(v)
+    spec = D.SyntheticSpec(**fields)
+    syn = D.load_or_generate(spec, args.cache_dir)
+    if args.format != "cub":
+        raise SystemExit(f"dcal make-dataset: --format {args.format!r} is not supported (use cub)")
+    D.write_cub(syn, args.out)
+    print(f"wrote {len(syn.labels)} images, {len(syn.class_names)} classes in CUB-200-2011 layout to {args.out}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    pretrain(Path(args.out), progress=not args.no_progress)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), args.set or [])
+
+
+def cmd_doctor(args) -> int:
+    from diagnostics.doctor import main as doctor_main
+
+    return doctor_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcal", description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="dcal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="one forward/backward pass of a small DCAL on a synthetic batch")
+
+    p = sub.add_parser("train", help="train DCAL (or an ablation) from a preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-diagnostics", action="store_true", help="attach no diagnostics callbacks")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint, print JSON")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("make-dataset", help="write the embedded benchmark to disk")
+    p.add_argument("--format", default="cub")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="SyntheticSpec field, e.g. num_classes=10")
+    p.set_defaults(fn=cmd_make_dataset)
+
+    p = sub.add_parser("pretrain", help="pre-train the project's small backbone on the pretrain task")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "assets"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="fine-tune the demo preset on CPU and print the numbers")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config field")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("doctor", help="diagnose a run folder", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_doctor)
+
     args = parser.parse_args(argv)
-    return {"demo": _demo}[args.command](args)
+    from .data.errors import DatasetError
+    from .errors import CheckpointError, ConfigError
+
+    start = time.perf_counter()
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError, DatasetError) as e:
+        print(f"dcal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        logging.getLogger("dcal").debug("%s took %.1fs", args.command, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

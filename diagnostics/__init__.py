@@ -1,0 +1,48 @@
+"""diagnostics: find out why a DCAL (or any timm ViT) training run goes wrong.
+
+Every tool works standalone (a context manager or a function) and as a `dcal.callbacks.Callback`;
+plotting helpers are pure (data in, a matplotlib Figure out); nothing here changes the model's numbers.
+"""
+from . import doctor
+from .attention import (
+    RolloutCallback,
+    plot_compare,
+    plot_pwca_mass,
+    plot_rollout,
+    pwca_distractor_mass,
+    rollout_heatmap,
+)
+from .curves import (
+    lr_rule_table,
+    plot_curves,
+    plot_lr_rules,
+    plot_lr_schedule,
+    plot_uncertainty,
+    uncertainty_reading,
+    uncertainty_state,
+)
+from .doctor import Finding, diagnose
+from .runlog import RunLog, RunLogError, load_run, read_metrics
+from .selection import (
+    random_selection,
+    selection_jaccard,
+    selection_onehot,
+    selection_stats,
+    uniform_fallback_selection,
+)
+from .widgets import RunExplorer, run_explorer
+from .widgets_rollout import RolloutExplorer, rollout_explorer
+
+__all__ = [
+    "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
+    "random_selection", "selection_jaccard", "selection_onehot", "selection_stats", "uniform_fallback_selection",
+    "RolloutExplorer", "rollout_explorer", "default_callbacks",
+    "doctor", "Finding", "diagnose", "RunLog", "RunLogError", "load_run", "read_metrics",
+    "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
+    "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
+]
+
+
+def default_callbacks() -> list:
+    """The diagnostics a `dcal train` run attaches: rollout/selection statistics per evaluation."""
+    return [RolloutCallback()]

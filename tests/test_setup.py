@@ -35,9 +35,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in ci
 
 
-def test_demo_command_runs():
+def test_demo_command_runs_end_to_end_on_a_tiny_config(tmp_path):
+    """`make demo` runs `python -m dcal demo`; here on a tiny config (the real one takes minutes)."""
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "dcal", "demo"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "glca_logits" in r.stdout and "uncertainty-weighted loss" in r.stdout
+    from test_train import TINY
+
+    args = [sys.executable, "-m", "dcal", "demo", "--out", str(tmp_path / "demo")]
+    for s in TINY + [f"data.cache_dir={tmp_path / 'cache'}"]:
+        args += ["--set", s]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy  SA" in r.stdout and "part hit-rate" in r.stdout
+    assert (tmp_path / "demo" / "doctor.html").exists()

@@ -1,0 +1,127 @@
+"""Notebook widgets over the diagnostics: each builds its figures with the pure plotting helpers and
+renders them to PNG in an `Output` widget's outputs directly, so they work (and are tested) without a
+browser or a kernel."""
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+
+from .curves import DEFAULT_ACCURACIES, DEFAULT_LOSSES, plot_curves, plot_uncertainty
+from .runlog import METRICS_FILE, RunLog, RunLogError, load_run
+
+__all__ = ["RunExplorer", "run_explorer"]
+
+
+# --- run explorer
+
+def _find_runs(runs_root_or_dirs) -> list[Path]:
+    """Run folders: the folder itself if it holds metrics.jsonl, else its sub-folders (two levels) that do;
+    or the given folders."""
+    if isinstance(runs_root_or_dirs, (str, Path)):
+        root = Path(runs_root_or_dirs)
+        if not root.is_dir():
+            raise FileNotFoundError(f"run_explorer: {root} is not a folder")
+        if (root / METRICS_FILE).is_file():
+            return [root]
+        runs = sorted({p.parent for pattern in (f"*/{METRICS_FILE}", f"*/*/{METRICS_FILE}") for p in root.glob(pattern)})
+        if not runs:
+            raise FileNotFoundError(f"run_explorer: no run folder (holding {METRICS_FILE}) under {root}")
+        return runs
+    runs = [Path(p) for p in runs_root_or_dirs]
+    if not runs:
+        raise ValueError("run_explorer: no run folders given")
+    missing = [str(p) for p in runs if not (p / METRICS_FILE).is_file()]
+    if missing:
+        raise FileNotFoundError(f"run_explorer: no {METRICS_FILE} in {missing}")
+    return runs
+
+
+def _metric_options(log: RunLog) -> list[str]:
+    """Numeric step columns by name, then eval columns (``eval/NAME`` where a step column has that name)."""
+    skip = {"step", "epoch", "time", "num_classes", "num_images"}
+    step_cols = [c for c in log.steps.columns if c not in skip and log.steps[c].dtype.kind == "f"
+                 and log.steps[c].notna().any()]
+    eval_cols = [c for c in log.evals.columns if c not in skip and log.evals[c].dtype.kind == "f"
+                 and log.evals[c].notna().any()]
+    return step_cols + [f"eval/{c}" if c in step_cols else c for c in eval_cols]
+
+
+class RunExplorer:
+    """A dropdown of runs, a view toggle (curves or uncertainty weights) and a multi-select of metrics
+    over an `Output`; `update()` redraws and returns the Figure (also kept as ``figure``, with ``png``)."""
+
+    def __init__(self, runs_root_or_dirs: str | Path | Sequence[str | Path]):
+        self.runs = _find_runs(runs_root_or_dirs)
+        labels = [(str(p.name) if len({q.name for q in self.runs}) == len(self.runs) else str(p), str(p))
+                  for p in self.runs]
+        self.run = widgets.Dropdown(options=labels, value=str(self.runs[0]), description="run")
+        self.view = widgets.ToggleButtons(options=["curves", "uncertainty"], value="curves", description="view")
+        self.metrics = widgets.SelectMultiple(options=[], description="metrics", rows=8)
+        self.note = widgets.HTML()
+        self.output = widgets.Output()
+        self.widget = widgets.VBox([widgets.HBox([self.run, self.view]), self.metrics, self.note, self.output])
+        self.widget.explorer = self
+        self.widget.redraw = self.update
+        self.log: RunLog | None = None
+        self.figure: Figure | None = None
+        self.png = b""
+        self._loading = False
+        self._load()
+        self.run.observe(lambda _change: (self._load(), self.update()), names="value")
+        for w in (self.view, self.metrics):
+            w.observe(lambda _change: None if self._loading else self.update(), names="value")
+        self.update()
+
+    def _load(self) -> None:
+        try:
+            self.log = load_run(self.run.value)
+        except (FileNotFoundError, RunLogError) as e:
+            self.log = None
+            self.note.value = f"<b>cannot read this run:</b> {e}"
+            return
+        options = _metric_options(self.log)
+        keep = [m for m in self.metrics.value if m in options]
+        default = [m for m in DEFAULT_LOSSES + DEFAULT_ACCURACIES if m in options]
+        self._loading = True  # setting options resets the value: redraw once, after both are set
+        try:
+            self.metrics.options = options
+            self.metrics.value = tuple(keep or default)
+        finally:
+            self._loading = False
+        self.note.value = "<br>".join(f"⚠ {w}" for w in self.log.warnings)
+
+    def _show(self, data: dict) -> None:
+        self.output.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
+
+    def update(self) -> Figure | None:
+        """Redraw for the current run, view and metrics; a run or selection that cannot be drawn shows why."""
+        if self.log is None:
+            self.figure, self.png = None, b""
+            self._show({"text/plain": "no run loaded"})
+            return None
+        try:
+            if self.view.value == "uncertainty":
+                fig = plot_uncertainty(self.log)
+            else:
+                fig = plot_curves(self.log, metrics=list(self.metrics.value) or None)
+        except (ValueError, TypeError) as e:
+            self.figure, self.png = None, b""
+            self._show({"text/plain": f"cannot draw {self.view.value} for {self.log.name}: {e}"})
+            return None
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        self.figure, self.png = fig, buf.getvalue()
+        self._show({"image/png": base64.b64encode(self.png).decode("ascii"),
+                    "text/plain": f"{self.view.value}: {self.log.name}"})
+        return fig
+
+
+def run_explorer(runs_root_or_dirs: str | Path | Sequence[str | Path]) -> widgets.VBox:
+    """A run explorer widget (a VBox; its `RunExplorer` is ``.explorer``) over a folder of runs, a single
+    run folder, or a list of run folders."""
+    return RunExplorer(runs_root_or_dirs).widget

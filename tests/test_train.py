@@ -1,0 +1,286 @@
+"""The trainer, its run folder, the CLI, resume and multi-process training, on tiny CPU configs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import dcal
+from dcal.callbacks import Callback
+from dcal.config import apply_overrides, preset
+from dcal.errors import ConfigError, NonFiniteLossError
+from dcal.train import build_trainer, dry_run_lr, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny DCAL on a tiny embedded benchmark: seconds per run on one CPU thread.
+TINY = [
+    "model.pretrained=false",
+    "model.timm_kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}",
+    "data.img_size=32", "data.resize_size=32",
+    "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 8, part_size: 10, seed: 0}",
+    "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=1", "train.progress=false",
+]
+
+
+def tiny_cfg(*extra, cache=None):
+    cfg = apply_overrides(preset("demo"), TINY + list(extra))
+    if cache is not None:
+        cfg.data.cache_dir = str(cache)
+    return cfg
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+# ----------------------------------------------------------------------------- config
+def test_overrides_apply_before_derived_values(cache, tmp_path):
+    cfg = tiny_cfg("train.batch_size=4", "train.grad_accum_steps=2", "train.lr_rule=linear", "train.base_lr=5e-4", cache=cache)
+    tr = build_trainer(cfg, None)
+    assert cfg.derived["global_batch"] == 8
+    assert cfg.derived["lr"] == pytest.approx(5e-4 * 8 / 512)
+    assert tr.optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.derived["lr"])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["train.batch_size=1"], "batch_size=1 with model.pwca=true"),
+    (["train.lr_rule=cubic"], "train.lr_rule"),
+    (["train.optimizer=sgd"], "train.optimizer"),
+    (["data.format=cub"], "needs data.root"),
+])
+def test_impossible_configs_are_clear_errors(extra, match, cache):
+    with pytest.raises(ConfigError, match=match):
+        build_trainer(tiny_cfg(*extra, cache=cache), None)
+
+
+def test_unknown_override_key_names_the_field():
+    with pytest.raises(ConfigError, match="unknown field train.lrr"):
+        apply_overrides(preset("demo"), ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(preset("demo"), ["train.lr"])
+
+
+def test_lr_rules():
+    from dcal.schedule import lr_for_rule
+
+    assert lr_for_rule("linear", batch_size=2, grad_accum_steps=8) == pytest.approx(1.5625e-5)
+    assert lr_for_rule("linear_per_gpu", batch_size=16) == pytest.approx(6.25e-5)
+    assert lr_for_rule("sqrt", batch_size=2, grad_accum_steps=8) == pytest.approx(5e-4)
+    assert lr_for_rule("linear", batch_size=4, grad_accum_steps=2, world_size=4) == pytest.approx(5e-4 * 32 / 512)
+
+
+# ----------------------------------------------------------------------------- a run and its folder
+def test_a_run_writes_the_public_run_folder(cache, tmp_path):
+    run = tmp_path / "run"
+    tr = build_trainer(tiny_cfg(cache=cache), run)
+    tr.fit()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("global_batch", "lr", "total_steps", "warmup_steps", "num_classes", "steps_per_epoch"):
+        assert key in cfg["derived"]
+    recs = read_metrics(run)
+    steps = [r for r in recs if r["kind"] == "step"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(steps) == cfg["derived"]["total_steps"] == 2 * (48 // 8)
+    assert len(evals) == 2
+    assert set(steps[0]) >= {"kind", "step", "epoch", "lr", "loss", "loss_sa", "loss_glca", "loss_pwca", "w_sa",
+                             "w_glca", "w_pwca", "grad_norm", "time"}
+    assert set(evals[0]) >= {"kind", "step", "epoch", "acc_sa", "acc_glca", "acc_fused", "part_hit", "loss_sa", "num_classes"}
+    assert evals[-1]["num_classes"] == 3 and 0 <= evals[-1]["part_hit"] <= 1
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    # The LR in the log is the one the scheduler produced, which is what the dry run reads.
+    assert [s["lr"] for s in steps] == pytest.approx(dry_run_lr(tr.cfg, cfg["derived"]["steps_per_epoch"]))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == len(steps) and set(ckpt) >= {"model", "loss", "optimizer", "scheduler", "scaler", "rng"}
+    assert (run / "best.pt").exists()
+
+
+def test_ablation_switches_give_null_fields(cache, tmp_path):
+    run = tmp_path / "sa"
+    build_trainer(tiny_cfg("model.glca=false", "model.pwca=false", "train.epochs=1", cache=cache), run).fit()
+    recs = read_metrics(run)
+    step, ev = recs[0], recs[-1]
+    assert step["loss_glca"] is None and step["loss_pwca"] is None and step["w_glca"] is None
+    assert step["loss_sa"] is not None
+    assert ev["acc_glca"] is None and ev["acc_fused"] == ev["acc_sa"]
+
+
+def test_accumulation_matches_the_large_batch_without_pwca(cache):
+    """Batch 8 vs batch 4 × 2 accumulation: same gradients when nothing pairs images (no PWCA)."""
+    grads = []
+    for extra in (["train.batch_size=8"], ["train.batch_size=4", "train.grad_accum_steps=2"]):
+        cfg = tiny_cfg(*extra, "model.pwca=false", "model.drop_path_rate=0.0", "train.max_steps=1", cache=cache)
+        tr = build_trainer(cfg, None)
+        seen = {}
+
+        class Grab(Callback):
+            def before_step(self, trainer):
+                seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+
+        # Same 8 images in the same order for both: turn off the augmentation randomness.
+        tr.train_loader = torch.utils.data.DataLoader(tr.train_loader.dataset, batch_size=cfg.train.batch_size,
+                                                      shuffle=False, drop_last=True)
+        tr.train_loader.dataset.transform = tr.eval_loader.dataset.transform
+        tr.callbacks.append(Grab())
+        tr.fit()
+        grads.append(seen)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_adam_l2_is_coupled_and_adamw_groups_exclude_norms(cache):
+    tr = build_trainer(tiny_cfg("train.optimizer=adam_l2", cache=cache), None)
+    assert type(tr.optimizer) is torch.optim.Adam and tr.optimizer.param_groups[0]["weight_decay"] == 0.05
+    tr = build_trainer(tiny_cfg(cache=cache), None)
+    assert type(tr.optimizer) is torch.optim.AdamW
+    assert {g["name"]: g["weight_decay"] for g in tr.optimizer.param_groups} == {"decay": 0.05, "no_decay": 0.0, "uncertainty": 0.0}
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    run = tmp_path / "nan"
+    tr = build_trainer(tiny_cfg("train.epochs=3", cache=cache), run)
+
+    class Poison(Callback):  # GLCA's head overflows at step 9 (the rollout stays finite)
+        def before_batch(self, trainer):
+            if trainer.step == 8:
+                trainer.model.glca.head.register_forward_hook(lambda m, i, o: o * float("inf"))
+
+    tr.callbacks.insert(0, Poison())
+    with pytest.raises(NonFiniteLossError, match=r"step 9 \(epoch 2\): non-finite loss, glca"):
+        tr.fit()
+    assert load_checkpoint(run / "last.pt")["step"] == 6  # end of epoch 1, untouched
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    p = tmp_path / "last.pt"
+    p.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(dcal.CheckpointError, match="last.pt: cannot read checkpoint"):
+        load_checkpoint(p)
+
+
+def test_gradient_checkpointing_gives_identical_training(cache, tmp_path):
+    logs = []
+    for ckpt in ("false", "true"):
+        run = tmp_path / f"gc-{ckpt}"
+        build_trainer(tiny_cfg(f"model.grad_checkpointing={ckpt}", "train.epochs=1", cache=cache), run).fit()
+        logs.append([{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)])
+    a, b = logs
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+            else:
+                assert ra[k] == rb[k], k
+
+
+# ----------------------------------------------------------------------------- CLI, resume, torchrun
+def cli(*args, env=None, **kw):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "dcal", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def tiny_args(cache, *extra):
+    args = []
+    for s in TINY + [f"data.cache_dir={cache}", "train.epochs=3"] + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def strip_time(recs):
+    return [{k: v for k, v in r.items() if k != "time"} for r in recs]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_exactly_the_uninterrupted_metrics(cache, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    five = tiny_args(cache, "train.epochs=5")
+    p = cli("train", "--preset", "demo", "--out", str(ref), "--no-diagnostics", *five)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    # Same run, killed with SIGKILL right after the first checkpoint exists.
+    p = cli("train", "--preset", "demo", "--out", str(cut), "--no-diagnostics", *five)
+    deadline = time.time() + 600
+    while not (cut / "last.pt").exists():
+        assert p.poll() is None, p.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.1)  # let it run on into the next epoch before the kill
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert load_checkpoint(cut / "last.pt")["epoch"] < 5
+    p = cli("train", "--preset", "demo", "--out", str(cut), "--resume", "--no-diagnostics", *five)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    a, b = strip_time(read_metrics(ref)), strip_time(read_metrics(cut))
+    assert a == b  # exact: same floats, same records, no duplicates
+
+
+def test_cli_errors_are_clear(cache, tmp_path):
+    p = cli("train", "--preset", "cub_deit_tiny", "--out", str(tmp_path / "x"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "needs data.root" in err
+    p = cli("train", "--preset", "nope", "--out", str(tmp_path / "x"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "unknown preset 'nope'" in err
+    p = cli("train", "--preset", "demo", "--out", str(tmp_path / "x"), *tiny_args(cache, "train.batch_size=1"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "PWCA" in err
+    p = cli("train", "--preset", "demo", "--out", str(tmp_path / "y"), "--resume", *tiny_args(cache))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "nothing to resume" in err
+
+
+@pytest.mark.slow
+def test_make_dataset_cub_then_train_and_eval_on_it(cache, tmp_path):
+    root = tmp_path / "cub"
+    p = cli("make-dataset", "--format", "cub", "--out", str(root), "--seed", "0", "--cache-dir", str(cache),
+            "--set", "num_classes=3", "--set", "train_per_class=16", "--set", "test_per_class=8",
+            "--set", "img_size=32", "--set", "part_size=10")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    for f in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+              "parts/part_locs.txt"):
+        assert (root / f).exists(), f
+    run = tmp_path / "run"
+    p = cli("train", "--preset", "demo", "--out", str(run), *tiny_args(cache, "data.format=cub", f"data.root={root}", "train.epochs=1"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    ev = read_metrics(run)[-1]
+    assert ev["kind"] == "eval" and ev["num_classes"] == 3 and ev["part_hit"] is not None
+    p = cli("eval", "--checkpoint", str(run / "last.pt"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["acc_fused"] == pytest.approx(ev["acc_fused"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(cache, tmp_path):
+    run = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            "-m", "dcal", "train", "--preset", "demo", "--out", str(run), "--no-diagnostics",
+            *tiny_args(cache, "train.epochs=1", "train.batch_size=4")]
+    r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["derived"]["world_size"] == 2 and cfg["derived"]["global_batch"] == 8
+    recs = read_metrics(run)
+    steps = [x for x in recs if x["kind"] == "step"]
+    assert len(steps) == 48 // 8  # each rank sees half the data per epoch: 6 optimiser steps
+    assert [s["step"] for s in steps] == list(range(1, 7))  # rank 0 alone writes the log
