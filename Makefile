@@ -17,8 +17,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dcal demo
 
+# The whole suite: unit/invariant tests, then every notebook under nbval (outputs compared).
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider $(NBVAL) notebooks
+
+notebooks: $(STAMP)
+	$(PY) tools/run_notebooks.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check dcal diagnostics tests benchmarks

@@ -102,9 +102,9 @@ def _pretrain() -> Config:
         model=ModelConfig(backbone="vit_tiny_patch16_224", glca=False, pwca=False, timm_kwargs=dict(SMALL_VIT),
                           drop_path_rate=0.0),
         data=DataConfig(format="synthetic", img_size=64, resize_size=64,
-                        synthetic=dict(family="pretrain", num_classes=32, train_per_class=400,
-                                       test_per_class=25, seed=1234)),
-        train=TrainConfig(epochs=12, batch_size=64, lr_rule="linear", base_lr=8e-3, warmup_epochs=1,
+                        synthetic=dict(family="pretrain", num_classes=24, train_per_class=500,
+                                       test_per_class=25, seed=1234, part_size=16, mark_grid=8)),
+        train=TrainConfig(epochs=6, batch_size=64, lr_rule="linear", base_lr=8e-3, warmup_epochs=0.2,
                           weight_decay=0.05, seed=1234),
     )
 

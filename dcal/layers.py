@@ -64,6 +64,35 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
 
 
+# On CPU, when the (B, H, N, N) fp32 scores are large, the explicit attention runs in tiles of query rows (all
+# heads at once, ~2 MiB of scores each): q·kᵀ, softmax, ·v and the head mean of a tile then stay in L2
+# instead of streaming the scores through memory several times. Measured (benchmarks/, deit-tiny, 1 thread):
+# at 448 px b2 (15 MB of scores) tiles cut the weights' overhead over SDPA by about half; at 224 px b8
+# (3.7 MB) one untiled pass was faster. GPUs: one pass.
+_TILE_BYTES = 2 << 20
+_UNTILED_MAX_BYTES = 8 << 20
+
+
+def _tile_rows(q: Tensor) -> int:
+    """Query rows per tile: N (one pass) unless the scores on CPU exceed `_UNTILED_MAX_BYTES`."""
+    B, H, N, _ = q.shape
+    if q.device.type != "cpu" or 4 * B * H * N * N <= _UNTILED_MAX_BYTES:
+        return N
+    return max(1, min(N, _TILE_BYTES // (4 * B * H * N)))
+
+
+def _add_head_mean(a: Tensor, out: Tensor) -> None:
+    """out ← mean of `a` (B, H, t, N) over heads, written in place into `out` (B, t, N), a slice of the map."""
+    H = a.shape[1]
+    if H == 1:
+        out.copy_(a[:, 0])
+        return
+    torch.add(a[:, 0], a[:, 1], out=out)
+    for h in range(2, H):
+        out.add_(a[:, h])
+    out.div_(H)
+
+
 @torch.no_grad()
 def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """Softmax attention weights averaged over heads, fp32, outside autocast: (B, N, N).
@@ -71,17 +100,43 @@ def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     Recomputes q·kᵀ without gradient so that the differentiable path can keep the fused SDPA kernel.
     """
     with torch.autocast(q.device.type, enabled=False):
-        a = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, N, N)
-        return a.softmax(dim=-1).mean(dim=1)
+        B, H, N, _ = q.shape
+        qs, kt = q.float() * scale, k.float().transpose(-2, -1)  # (B, H, N, hd), (B, H, hd, N)
+        rows = _tile_rows(q)
+        if rows >= N:
+            return (qs @ kt).softmax(dim=-1).mean(dim=1)
+        kt = kt.contiguous()  # once, not once per tile
+        w = q.new_empty(B, N, N, dtype=torch.float32)
+        for i in range(0, N, rows):
+            _add_head_mean((qs[:, :, i:i + rows] @ kt).softmax(dim=-1), w[:, i:i + rows])  # tile (B, H, t, N)
+        return w
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q·kᵀ·scale)·v (B, H, N, hd) and its head mean (B, N, N): one softmax serves both."""
+    B, H, N, hd = q.shape
+    rows = _tile_rows(q)
+    if rows >= N:
+        a = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        return a @ v, a.mean(dim=1)
+    # k and v come as strided views of the fused qkv output: made contiguous once, not once per tile.
+    qs, kt, v = q * scale, k.transpose(-2, -1).contiguous(), v.contiguous()  # (B, H, N, hd), (B, H, hd, N)
+    o = q.new_empty(B, N, H, hd)  # the layout `attention_output` merges heads in without a copy
+    w = q.new_empty(B, N, N)
+    for i in range(0, N, rows):
+        a = (qs[:, :, i:i + rows] @ kt).softmax(dim=-1)  # (B, H, t, N)
+        o[:, i:i + rows] = (a @ v).transpose(1, 2)  # (B, t, H, hd)
+        _add_head_mean(a, w[:, i:i + rows])
+    return o.transpose(1, 2), w
 
 
 def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Attention output and head-mean weights, computing the softmax once when that is exact and cheap."""
     no_dropout = not (attn.training and attn.attn_drop.p > 0)
     if not torch.is_grad_enabled() and q.dtype == torch.float32 and no_dropout:
-        # Inference: one explicit softmax serves both the output and the rollout (no second q·kᵀ).
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-        return a @ v, a.mean(dim=1)
+        # Inference: one explicit softmax serves both the output and the rollout (no second q·kᵀ). On CPU,
+        # tiled, this is faster than SDPA plus a recomputed softmax for the weights (benchmarks/).
+        return _explicit_attention(q, k, v, attn.scale)
     return _sdpa(attn, q, k, v), head_mean_attention(q, k, attn.scale)
 
 
@@ -180,15 +235,20 @@ def attention_rollout(weights: list[Tensor], names: list[str] | None = None, res
             raise RolloutError(f"{name}: attention map has shape {tuple(s.shape)}, expected (B, N, N) "
                                f"{'' if ref is None else 'as ' + str(tuple(ref))}")
         ref = s.shape
-        if not torch.isfinite(s).all():
-            raise RolloutError(f"{name}: attention map holds non-finite values")
     B, N, _ = ref
     with torch.autocast(weights[0].device.type, enabled=False):
+        # A NaN or Inf anywhere in a map makes its row sum non-finite, and the chain needs the row sums
+        # anyway: checking those (B·N values per map, one sync) replaces a B·N² isfinite pass per map, which
+        # cost more than the whole chain.
+        sums = [s.float().sum(dim=-1) for s in weights]  # (B, N) each
+        finite = torch.stack([z.isfinite().all() for z in sums])  # (L,)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise RolloutError(f"{names[bad]}: attention map holds non-finite values")
         r = torch.zeros(B, N, device=weights[0].device, dtype=torch.float32)
         r[:, 0] = 1.0
-        for s in reversed(weights):
-            s = s.float()
-            z = (1.0 - residual) * s.sum(dim=-1) + residual  # (B, N) row sums of S̄ before normalising
+        for s, rowsum in zip(reversed(weights), reversed(sums)):
+            z = (1.0 - residual) * rowsum + residual  # (B, N) row sums of S̄ before normalising
             rz = r / z
-            r = (1.0 - residual) * (rz.unsqueeze(1) @ s).squeeze(1) + residual * rz  # (B, N)
+            r = (1.0 - residual) * (rz.unsqueeze(1) @ s.float()).squeeze(1) + residual * rz  # (B, N)
     return r

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn as nn
-from torch import Tensor
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
@@ -177,6 +177,19 @@ class DCAL(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def _run_sa(self, block: nn.Module, h: Tensor, need_weights: bool):
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return sa_block(block, h, need_weights)
+        # The attention weights are a no-grad side output: compute them in the forward pass only, not again
+        # when backward recomputes the block (which would redo q·kᵀ and the softmax for nothing).
+        first = [True]
+
+        def fn(t: Tensor):
+            nw, first[0] = need_weights and first[0], False
+            return sa_block(block, t, nw)
+
+        return checkpoint(fn, h, use_reentrant=False)
+
     def forward(self, x: Tensor, pair_index: Tensor | None = None) -> DCALOutput:
         """Run SA (+ GLCA) (+ PWCA in training). `pair_index` (B,) overrides the random derangement."""
         bb = self.backbone
@@ -196,7 +209,7 @@ class DCAL(nn.Module):
             need_w = i < rollout_depth
             if i == L - 1 and self.glca_placement == "parallel":
                 glca_input = h
-            h, k, v, w = self._run(lambda t, b=blk, nw=need_w: sa_block(b, t, nw), h)
+            h, k, v, w = self._run_sa(blk, h, need_w)
             if need_w:
                 weights.append(w)
             if use_pwca:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from .callbacks import EVENTS, Callback
 from .config import Config, config_from_dict, config_to_dict, derive, validate
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .loss import UncertaintyLoss, param_groups
 from .metrics import chance_hit_rate, hits, patches_in_boxes
 from .model import DCAL, build_model
@@ -333,7 +333,7 @@ class Trainer:
                 self.emit("after_epoch")
         finally:
             self.elapsed = time.perf_counter() - start
-        self.emit("after_fit")
+            self.emit("after_fit")  # also on error: callbacks release hooks, files and tracking modes
         return self.history
 
     def _progress(self, loader, desc):
@@ -351,7 +351,18 @@ class Trainer:
         if self.net is not self.model and self.micro_step < accum - 1:
             sync = self.net.no_sync()  # DDP: all-reduce only on the last micro-batch
         with sync:
-            total, branch, out = self.compute_loss(self.batch)  # a callback may have replaced the batch
+            try:
+                total, branch, out = self.compute_loss(self.batch)  # a callback may have replaced the batch
+            except RolloutError as e:
+                if "non-finite" not in str(e):
+                    raise
+                # A non-finite forward inside the SA blocks surfaces as a non-finite attention map. Let the
+                # tier-1 diagnostics see a non-finite loss (they replay the batch and name the module), then stop.
+                nan = torch.tensor(float("nan"))
+                self.outputs, self.loss, self.branch_losses = None, nan, {b: nan for b in self.branches}
+                self.emit("after_loss")
+                raise NonFiniteLossError(f"step {self.step + 1} (epoch {self.epoch + 1}): the forward pass went "
+                                         f"non-finite ({e}); last.pt keeps the last good checkpoint") from e
             self.outputs, self.loss, self.branch_losses = out, total, branch
             self.emit("after_forward")
             self.emit("after_loss")

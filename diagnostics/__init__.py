@@ -22,6 +22,17 @@ from .curves import (
     uncertainty_state,
 )
 from .doctor import Finding, diagnose
+from .memory import (
+    LeakDetector,
+    MemoryCallback,
+    MemoryProfiler,
+    attention_memory,
+    count_graph_tensors,
+    find_graph_holders,
+    oom_snapshot,
+    record_history,
+)
+from .nonfinite import NonFiniteCallback, NonFiniteDetector, NonFiniteError, describe_tensor, finite_checks
 from .runlog import RunLog, RunLogError, load_run, read_metrics
 from .selection import (
     random_selection,
@@ -40,9 +51,13 @@ __all__ = [
     "doctor", "Finding", "diagnose", "RunLog", "RunLogError", "load_run", "read_metrics",
     "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
     "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
+    "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
+    "find_graph_holders", "oom_snapshot", "record_history",
+    "NonFiniteCallback", "NonFiniteDetector", "NonFiniteError", "describe_tensor", "finite_checks",
 ]
 
 
 def default_callbacks() -> list:
-    """The diagnostics a `dcal train` run attaches: rollout/selection statistics per evaluation."""
-    return [RolloutCallback()]
+    """The diagnostics a `dcal train` run attaches: tier-1/2 NaN checks, memory per step (sampled on
+    CPU to stay within 2% of a step), rollout/selection statistics and a probe figure per evaluation."""
+    return [NonFiniteCallback(), MemoryCallback(), RolloutCallback()]

@@ -26,7 +26,7 @@ TINY = [
     "model.pretrained=false",
     "model.timm_kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}",
     "data.img_size=32", "data.resize_size=32",
-    "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 8, part_size: 10, seed: 0}",
+    "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 8, part_size: 10, mark_grid: 1, seed: 0}",
     "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=1", "train.progress=false",
 ]
 
@@ -251,7 +251,7 @@ def test_make_dataset_cub_then_train_and_eval_on_it(cache, tmp_path):
     root = tmp_path / "cub"
     p = cli("make-dataset", "--format", "cub", "--out", str(root), "--seed", "0", "--cache-dir", str(cache),
             "--set", "num_classes=3", "--set", "train_per_class=16", "--set", "test_per_class=8",
-            "--set", "img_size=32", "--set", "part_size=10")
+            "--set", "img_size=32", "--set", "part_size=10", "--set", "mark_grid=1")
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     for f in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",

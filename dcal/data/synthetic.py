@@ -66,7 +66,7 @@ class SyntheticSpec:
     num_classes: int = 10  # glyph classes (benchmark: <= 12, pretrain: <= 48)
     train_per_class: int = 200  # balanced train split
     test_per_class: int = 50  # balanced test split
-    part_size: int = 14  # mark (plate) side in px: 14x14 on 64x64 = 4.8% of the image, ~2x2 patches of 8
+    part_size: int = 16  # mark (plate) side in px: 16x16 on 64x64 = 6.25% of the image, 2x2 patches of 8
     num_distractors: int = 2  # look-alike marks per image carrying no class information
     seed: int = 0  # everything below is drawn from default_rng(SeedSequence([seed, family]))
     family: str = "benchmark"  # "benchmark" or "pretrain" (disjoint glyphs, separate random stream)
@@ -77,6 +77,14 @@ class SyntheticSpec:
     clutter_lines: int = 4  # faint line segments
     noise_std: float = 0.02  # per-pixel Gaussian noise (in [0, 1] units), breaks flat colour regions
     distractor_on_body_prob: float = 0.5  # else on the background: the body alone does not identify the part
+    # "random": distractors carry uniformly random glyphs (no class information, the benchmark);
+    # "class": they repeat the class glyph, so the class is visible all over the image (an easy first
+    # stage for pre-training: a mean over patches already carries it).
+    distractor_glyphs: str = "random"
+    # Corners of every mark snap to multiples of this many px (1: anywhere; default 8). 8 with part_size 16 puts each
+    # mark on exactly 2x2 patches of an 8-px ViT: the glyph looks the same wherever it is, which a ViT's
+    # patch embedding (equivariant only to whole-patch shifts) learns far faster than 64 sub-patch offsets.
+    mark_grid: int = 8
 
     def __post_init__(self) -> None:
         # YAML/JSON configs give lists; a tuple keeps the spec hashable and equal to its cached copy
@@ -91,6 +99,10 @@ class SyntheticSpec:
             raise ValueError(f"SyntheticSpec.part_size must be in 6..img_size/3, got {self.part_size}")
         if self.train_per_class < 0 or self.test_per_class < 0 or self.train_per_class + self.test_per_class == 0:
             raise ValueError("SyntheticSpec.train_per_class/test_per_class must be >= 0 and not both 0")
+        if self.distractor_glyphs not in ("random", "class"):
+            raise ValueError(f"SyntheticSpec.distractor_glyphs must be 'random' or 'class', got {self.distractor_glyphs!r}")
+        if self.mark_grid < 1:
+            raise ValueError(f"SyntheticSpec.mark_grid must be >= 1, got {self.mark_grid}")
         if self.num_distractors < 0:
             raise ValueError(f"SyntheticSpec.num_distractors must be >= 0, got {self.num_distractors}")
         lo, hi = self.scale_range
@@ -271,7 +283,8 @@ def _ellipse_half_extent(a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.
     return np.stack([np.sqrt((a * c) ** 2 + (b * s) ** 2), np.sqrt((a * s) ** 2 + (b * c) ** 2)], axis=1)
 
 
-def _object_extent(g: dict[str, np.ndarray], theta: np.ndarray, part_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _object_extent(g: dict[str, np.ndarray], theta: np.ndarray, part_size: int,
+                   grid: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi), (B, 2) each: the objects' boxes relative to the body centres."""
     axis = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # (B, 2)
     head = g["head_off"][:, None] * axis
@@ -279,16 +292,16 @@ def _object_extent(g: dict[str, np.ndarray], theta: np.ndarray, part_size: int) 
         (np.zeros_like(axis), _ellipse_half_extent(g["a"], g["b"], theta)),
         (-g["tail_off"][:, None] * axis, _ellipse_half_extent(g["tail_a"], g["tail_b"], theta)),
         (head, np.repeat(g["head_r"][:, None], 2, axis=1)),
-        (head, np.full_like(axis, part_size / 2 + 0.5)),  # the mark plate, snapped to the pixel grid
+        (head, np.full_like(axis, part_size / 2 + grid / 2)),  # the mark plate, snapped to its grid
     ]
     lo = np.min([c - h for c, h in comps], axis=0)
     hi = np.max([c + h for c, h in comps], axis=0)
     return lo, hi
 
 
-def _mark_boxes(centres: np.ndarray, size: int) -> np.ndarray:
-    """(N, 4) integer-aligned size x size boxes centred (to the nearest pixel) on centres (N, 2)."""
-    tl = np.rint(centres - size / 2.0)
+def _mark_boxes(centres: np.ndarray, size: int, grid: int = 1) -> np.ndarray:
+    """(N, 4) size x size boxes centred on centres (N, 2), corners snapped to multiples of `grid` px."""
+    tl = np.rint((centres - size / 2.0) / grid) * grid
     return np.concatenate([tl, tl + size], axis=1).astype(np.float32)
 
 
@@ -315,14 +328,14 @@ def _place_distractors(rng: np.random.Generator, spec: SyntheticSpec, centre: np
                 c = centre + rng.uniform(-1.2 * a, 0.3 * a, (n, 1)) * axis + rng.uniform(-0.4, 0.4, (n, 1)) * b * lateral
             else:
                 c = rng.uniform(S / 2, L - S / 2, size=(n, 2))
-            boxes = _mark_boxes(c, S)  # (n, 4)
+            boxes = _mark_boxes(c, S, spec.mark_grid)  # (n, 4)
             ok = (boxes[:, :2] >= 0).all(1) & (boxes[:, 2:] <= L).all(1) & _clear_of(boxes, np.stack(taken))
             if ok.any():
                 taken.append(boxes[np.argmax(ok)])
                 break
         else:
             raise RuntimeError(f"could not place a distractor mark without overlap ({spec})")
-    return np.stack(taken[1:]).reshape(spec.num_distractors, 4)
+    return np.asarray(taken[1:], dtype=np.float32).reshape(spec.num_distractors, 4)  # (M, 4), M may be 0
 
 
 def _coverage_table(spec: SyntheticSpec, glyphs: np.ndarray) -> np.ndarray:
@@ -348,7 +361,7 @@ def _render_chunk(rng: np.random.Generator, spec: SyntheticSpec, coverage_table:
 
     theta = rng.uniform(0.0, 2 * np.pi, B)  # pose: direction of the head, screen coordinates (y down)
     g = _geometry(spec, rng.uniform(*spec.scale_range, B))
-    lo, hi = _object_extent(g, theta, S)  # (B, 2) each
+    lo, hi = _object_extent(g, theta, S, spec.mark_grid)  # (B, 2) each
     if np.any(hi - lo > L - 2):
         raise ValueError(f"object does not fit in {L} px (extent up to {(hi - lo).max():.1f}); "
                          "reduce part_size or scale_range")
@@ -367,12 +380,14 @@ def _render_chunk(rng: np.random.Generator, spec: SyntheticSpec, coverage_table:
     _blend(img, a_body, body_rgb[:, None, None, :] * shade)
     _blend(img, a_head, head_rgb[:, None, None, :] * shade)
 
-    part_boxes = _mark_boxes(head_c, S)
+    part_boxes = _mark_boxes(head_c, S, spec.mark_grid)
     shift = np.clip(-part_boxes[:, :2], 0, None) - np.clip(part_boxes[:, 2:] - L, 0, None)  # no-op by the extent check
     part_boxes += np.concatenate([shift, shift], axis=1)
     dist_boxes = np.stack([_place_distractors(rng, spec, centre[i], theta[i], g["a"][i], g["b"][i], part_boxes[i])
                            for i in range(B)]).reshape(B, M, 4)
     dist_labels = rng.integers(len(coverage_table), size=(B, M))  # uniform, independent of the label
+    if spec.distractor_glyphs == "class":
+        dist_labels = np.repeat(labels[:, None], M, axis=1)  # (B, M): copies of the class glyph
 
     # marks: part first, then distractors; same colour and tilt distributions for all of them
     boxes = np.concatenate([part_boxes[:, None], dist_boxes], axis=1).reshape(B * (M + 1), 4)
