@@ -28,11 +28,11 @@ def _callbacks(with_diagnostics: bool) -> list:
     try:
         import diagnostics
     except ImportError as e:  # the package ships both; a broken install must say so, not train blind
-        raise SystemExit(f"dcal: cannot import the diagnostics package ({e}); reinstall with `pip install -e .`")
+        raise SystemExit(f"dcal: cannot import the diagnostics package ({e}); reinstall with `pip install -e .`") from e
     return diagnostics.default_callbacks()
 
 
-def _config(args) -> "Config":  # noqa: F821
+def _config(args) -> Config:  # noqa: F821
     from .config import apply_overrides, preset
 
     cfg = preset(args.preset)
@@ -60,7 +60,14 @@ def cmd_eval(args) -> int:
     import torch
 
     from .config import apply_overrides
-    from .train import build_datasets, config_of_checkpoint, evaluate, load_checkpoint, model_from_config, normalisation
+    from .train import (
+        build_datasets,
+        config_of_checkpoint,
+        evaluate,
+        load_checkpoint,
+        model_from_config,
+        normalisation,
+    )
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = apply_overrides(config_of_checkpoint(ckpt), args.set or [])

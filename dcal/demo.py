@@ -40,6 +40,8 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None) -> int:
     print(f"  accuracy  SA {f(ev['acc_sa'])}  GLCA {f(ev['acc_glca'])}  fused {f(ev['acc_fused'])}")
     print(f"  GLCA part hit-rate {f(ev.get('part_hit'))} (chance {f(ev.get('part_hit_chance'))}), "
           f"distractor hit-rate {f(ev.get('distractor_hit'))}")
+    print(f"  top-1 selected patch on the part {f(ev.get('part_hit_top1'))}, "
+          f"on a distractor {f(ev.get('distractor_hit_top1'))}")
     print(f"  doctor: {len(findings)} finding(s), "
           f"{sum(x.severity == 'error' for x in findings)} error(s) → {report}")
     print(f"  run folder: {out_dir}")

@@ -55,7 +55,7 @@ def pretrain(out_dir: Path, *, progress: bool = True, overrides: list[str] | Non
                 "the benchmark; no benchmark image or label seen), in two stages",
         "command": "dcal pretrain",
         "threads": THREADS,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "machine": platform.processor() or platform.machine(),
         "stages": [],
     }

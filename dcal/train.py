@@ -360,7 +360,9 @@ class Trainer:
                 # tier-1 diagnostics see a non-finite loss (they replay the batch and name the module), then stop.
                 nan = torch.tensor(float("nan"))
                 self.outputs, self.loss, self.branch_losses = None, nan, {b: nan for b in self.branches}
+                self.grad_norm, self.skip_step = None, False
                 self.emit("after_loss")
+                self.emit("before_step")  # where tier-1 checks run; this step cannot complete either way
                 raise NonFiniteLossError(f"step {self.step + 1} (epoch {self.epoch + 1}): the forward pass went "
                                          f"non-finite ({e}); last.pt keeps the last good checkpoint") from e
             self.outputs, self.loss, self.branch_losses = out, total, branch
@@ -527,15 +529,19 @@ def evaluate(model: DCAL, loader: DataLoader, device: torch.device, *, autocast=
     n, c_sa, c_glca, c_fused, l_sa = totals.tolist()
     res = {"acc_sa": c_sa / n, "acc_glca": c_glca / n if model.glca is not None else None, "acc_fused": c_fused / n,
            "loss_sa": l_sa / n, "num_classes": model.num_classes, "num_images": int(n)}
-    res.update(part_hit=None, part_hit_chance=None, distractor_hit=None)
+    res.update(part_hit=None, part_hit_chance=None, distractor_hit=None, part_hit_top1=None, distractor_hit_top1=None)
     pm = outputs.get("part_mask")
     if pm is not None and pm.any(dim=1).all():
         li = outputs["local_index"]
         res["part_hit"] = hits(li, pm).float().mean().item()
         res["part_hit_chance"] = chance_hit_rate(pm, li.shape[1])
+        # The same for the single highest-scoring patch: with k larger than one mark's patches, the k
+        # selected tokens can cover the part *and* a distractor; the top-1 says which one wins.
+        res["part_hit_top1"] = hits(li[:, :1], pm).float().mean().item()
         dm = outputs.get("distractor_mask")
         if dm is not None and dm.any(dim=1).all():
             res["distractor_hit"] = hits(li, dm).float().mean().item()
+            res["distractor_hit_top1"] = hits(li[:, :1], dm).float().mean().item()
     return res, outputs
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +48,11 @@ def test_demo_command_runs_end_to_end_on_a_tiny_config(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accuracy  SA" in r.stdout and "part hit-rate" in r.stdout
     assert (tmp_path / "demo" / "doctor.html").exists()
+
+
+def test_ruff_is_clean():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "dcal", "diagnostics", "benchmarks", "tools", "tests"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -127,14 +127,17 @@ def test_accumulation_matches_the_large_batch_without_pwca(cache):
         seen = {}
 
         class Grab(Callback):
+            def __init__(self, store):
+                self.store = store
+
             def before_step(self, trainer):
-                seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+                self.store.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
 
         # Same 8 images in the same order for both: turn off the augmentation randomness.
         tr.train_loader = torch.utils.data.DataLoader(tr.train_loader.dataset, batch_size=cfg.train.batch_size,
                                                       shuffle=False, drop_last=True)
         tr.train_loader.dataset.transform = tr.eval_loader.dataset.transform
-        tr.callbacks.append(Grab())
+        tr.callbacks.append(Grab(seen))
         tr.fit()
         grads.append(seen)
     for n in grads[0]:
@@ -284,3 +287,15 @@ def test_torchrun_two_processes_gloo(cache, tmp_path):
     steps = [x for x in recs if x["kind"] == "step"]
     assert len(steps) == 48 // 8  # each rank sees half the data per epoch: 6 optimiser steps
     assert [s["step"] for s in steps] == list(range(1, 7))  # rank 0 alone writes the log
+
+
+def test_nonfinite_callback_names_the_module_of_a_forward_overflow_in_a_training_run(cache, tmp_path):
+    """An Inf inside an SA block surfaces as a non-finite attention map; tier 2 still names its module."""
+    from diagnostics import NonFiniteCallback, NonFiniteError
+
+    tr = build_trainer(tiny_cfg("train.epochs=1", cache=cache), tmp_path / "run", callbacks=[NonFiniteCallback()])
+    tr.model.backbone.blocks[0].mlp.fc1.register_forward_hook(
+        lambda m, i, o: o * float("inf") if tr.step == 2 else o)
+    with pytest.raises(NonFiniteError) as e:
+        tr.fit()
+    assert e.value.module == "backbone.blocks.0.mlp.fc1" and e.value.phase == "forward" and e.value.step == 3
