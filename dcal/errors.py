@@ -9,7 +9,14 @@ class ConfigError(ValueError):
 
 
 class RolloutError(RuntimeError):
-    """An attention map that the rollout cannot use (missing, mis-shaped, non-finite); names the block."""
+    """An attention map that the rollout cannot use (missing, mis-shaped, non-finite); names the block.
+
+    `nonfinite` is True when the map held NaN/Inf (a numerical fault upstream, not a wiring bug).
+    """
+
+    def __init__(self, message: str, *, nonfinite: bool = False):
+        super().__init__(message)
+        self.nonfinite = nonfinite
 
 
 class CheckpointError(RuntimeError):

@@ -244,7 +244,7 @@ def attention_rollout(weights: list[Tensor], names: list[str] | None = None, res
         finite = torch.stack([z.isfinite().all() for z in sums])  # (L,)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
-            raise RolloutError(f"{names[bad]}: attention map holds non-finite values")
+            raise RolloutError(f"{names[bad]}: attention map holds non-finite values", nonfinite=True)
         r = torch.zeros(B, N, device=weights[0].device, dtype=torch.float32)
         r[:, 0] = 1.0
         for s, rowsum in zip(reversed(weights), reversed(sums)):

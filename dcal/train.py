@@ -354,7 +354,7 @@ class Trainer:
             try:
                 total, branch, out = self.compute_loss(self.batch)  # a callback may have replaced the batch
             except RolloutError as e:
-                if "non-finite" not in str(e):
+                if not e.nonfinite:
                     raise
                 # A non-finite forward inside the SA blocks surfaces as a non-finite attention map. Let the
                 # tier-1 diagnostics see a non-finite loss (they replay the batch and name the module), then stop.
