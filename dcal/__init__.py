@@ -2,7 +2,7 @@
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .layers import attention_rollout
 from .loss import UncertaintyLoss, param_groups
-from .model import DCAL, GLCA, DCALOutput, build_model, derangement
+from .model import DCAL, GLCA, DCALOutput, build_model, derangement, eval_mode, fused_probs
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,10 @@ the paired image's keys/values from the SA pass.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import timm
@@ -22,11 +24,11 @@ from .errors import ConfigError
 from .layers import attention_rollout, check_block, glca_block, pwca_block, sa_block
 from .pretrained import load_pretrained
 
-__all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement"]
+__all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement", "eval_mode", "fused_probs"]
 
 GLCA_PLACEMENTS = ("stacked", "parallel")
 GLCA_INITS = ("copy", "random")
-GLCA_POOLS = ("cls", "mean")
+GLCA_POOLS = ("cls", "mean", "local")
 _VIT_FAMILIES = ("vision_transformer", "deit", "vision_transformer_hybrid")
 
 
@@ -44,6 +46,27 @@ class DCALOutput:
     pwca_logits: Tensor | None
     rollout: Tensor
     local_index: Tensor
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block and restore its previous mode after (exceptions included)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def fused_probs(sa_logits: Tensor, glca_logits: Tensor | None) -> Tensor:
+    """DCAL's FGVC prediction (DCAL_METHOD.md §8): softmax(SA) + softmax(GLCA), in fp32; SA alone without GLCA.
+
+    The one place the fused prediction is written: `DCAL.predict`, the trainer's evaluation and the
+    diagnostics all call it.
+    """
+    p = sa_logits.float().softmax(-1)
+    return p if glca_logits is None else p + glca_logits.float().softmax(-1)
 
 
 def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -64,8 +87,9 @@ class GLCA(nn.Module):
         pool: what the head reads. ``"cls"`` (DCAL_METHOD.md §3): GLCA's CLS output. Note that with one
             GLCA block the CLS output depends only on the CLS query (which attends to every token), not on
             which local tokens were selected: the local queries' outputs never reach the logits.
-            ``"mean"``: the mean of the 1+k query outputs (CLS and the local tokens), so that the
-            selected tokens do shape the GLCA logits.
+                ``"mean"``: the mean of the 1+k query outputs (CLS and the local tokens), so that the
+            selected tokens do shape the GLCA logits. ``"local"``: the mean of the k local query outputs
+            only (CLS still queries, and its output is computed, but the head does not read it).
     """
 
     def __init__(self, block: nn.Module, norm: nn.Module, head: nn.Module, pool: str = "cls"):
@@ -80,7 +104,9 @@ class GLCA(nn.Module):
     def forward(self, x: Tensor, query_index: Tensor) -> Tensor:
         """x (B, N, C) tokens, query_index (B, 1+k) with CLS first → logits (B, num_classes)."""
         xq = self.norm(glca_block(self.block, x, query_index))  # (B, 1+k, C)
-        return self.head(xq[:, 0] if self.pool == "cls" else xq.mean(dim=1))
+        if self.pool == "cls":
+            return self.head(xq[:, 0])
+        return self.head(xq.mean(dim=1) if self.pool == "mean" else xq[:, 1:].mean(dim=1))
 
     def extra_repr(self) -> str:
         return f"pool={self.pool}"
@@ -250,16 +276,9 @@ class DCAL(nn.Module):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Fused class probabilities softmax(SA) + softmax(GLCA) (SA alone when GLCA is off): (B, C)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             out = self(x)
-        finally:
-            self.train(was_training)
-        p = out.sa_logits.float().softmax(-1)
-        if out.glca_logits is not None:
-            p = p + out.glca_logits.float().softmax(-1)
-        return p
+        return fused_probs(out.sa_logits, out.glca_logits)
 
     def extra_repr(self) -> str:
         return (f"glca={self.glca is not None}, pwca={self.pwca_enabled}, glca_ratio={self.glca_ratio}, "

@@ -28,7 +28,7 @@ from .config import Config, config_from_dict, config_to_dict, derive, validate
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .loss import UncertaintyLoss, param_groups
 from .metrics import chance_hit_rate, hits, patches_in_boxes
-from .model import DCAL, build_model
+from .model import DCAL, build_model, fused_probs
 from .schedule import build_scheduler
 
 __all__ = ["Trainer", "MetricsLogger", "Checkpointer", "build_trainer", "load_checkpoint", "evaluate",
@@ -497,14 +497,11 @@ def evaluate(model: DCAL, loader: DataLoader, device: torch.device, *, autocast=
         with autocast():
             out = model(x)
         sa = out.sa_logits.float()
-        p = sa.softmax(-1)
         correct["sa"] += (sa.argmax(-1) == y).sum().item()
         loss_sa += F.cross_entropy(sa, y, reduction="sum").item()
         if out.glca_logits is not None:
-            g = out.glca_logits.float()
-            correct["glca"] += (g.argmax(-1) == y).sum().item()
-            p = p + g.softmax(-1)
-        correct["fused"] += (p.argmax(-1) == y).sum().item()
+            correct["glca"] += (out.glca_logits.argmax(-1) == y).sum().item()
+        correct["fused"] += (fused_probs(out.sa_logits, out.glca_logits).argmax(-1) == y).sum().item()
         n += len(y)
         keep["rollout"].append(out.rollout.cpu())
         keep["local_index"].append(out.local_index.cpu())
