@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import dcal
-import diagnostics.memory as memory
+import diagnostics.memory.profiler as memory_profiler
 from diagnostics.memory import (
     LeakDetector,
     MemoryCallback,
@@ -170,8 +170,8 @@ def test_oom_observer_dumps_while_armed(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch._C, "_cuda_attach_out_of_memory_observer", observers.append, raising=False)
     monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dumps.append)
-    monkeypatch.setattr(memory, "_OOM_ATTACHED", False)
-    monkeypatch.setattr(memory, "_OOM_PATHS", [])
+    monkeypatch.setattr(memory_profiler, "_OOM_ATTACHED", False)
+    monkeypatch.setattr(memory_profiler, "_OOM_PATHS", [])
     path = str(tmp_path / "oom.pickle")
     with oom_snapshot(path):
         with oom_snapshot(path + "2"):

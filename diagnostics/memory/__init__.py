@@ -1,0 +1,17 @@
+"""Memory per step and per phase, leaks, what attention maps cost, and a step's peak predicted from shapes.
+
+One module per concern: `tracker` (the CPU live-tensor tracker), `sources` (CUDA / CPU / RSS),
+`profiler` (`MemoryProfiler`, `record_history`, `oom_snapshot`), `leaks` (`LeakDetector`,
+`count_graph_tensors`, `find_graph_holders`), `estimate` (`attention_memory`), `callback` (`MemoryCallback`).
+Every public name is re-exported here: ``diagnostics.memory.X`` keeps working.
+"""
+from .callback import MemoryCallback
+from .estimate import attention_memory
+from .leaks import LeakDetector, count_graph_tensors, find_graph_holders
+from .profiler import MemoryProfiler, oom_snapshot, record_history
+from .sources import SOURCES
+
+__all__ = [
+    "MemoryProfiler", "MemoryCallback", "LeakDetector", "attention_memory",
+    "count_graph_tensors", "find_graph_holders", "record_history", "oom_snapshot", "SOURCES",
+]
