@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..stats import fit_growth
+
 __all__ = ["LeakDetector", "count_graph_tensors", "find_graph_holders"]
 
 
@@ -90,18 +92,11 @@ def find_graph_holders(max_tensors: int = 16) -> list[dict]:
     return out
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys over xs."""
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-
-
 class LeakDetector:
     """Flags memory (or graph-holding tensors) that grows step after step once warm-up is over.
 
-    Feed it every step (or every N steps) with `update`; `report` fits a least-squares slope over the last
-    `window` updates of each series and flags a series whose slope is at least its threshold and that grew
+    Feed it every step (or every N steps) with `update`; `report` fits a least-squares slope (`diagnostics.stats.fit_growth`)
+    over the last `window` updates of each series and flags a series whose slope is at least its threshold and that grew
     in at least `min_growth_fraction` of the intervals (a leak grows steadily; a clean loop is flat).
 
     Args:
@@ -138,18 +133,22 @@ class LeakDetector:
                 self.series[key].append((step, float(v)))
 
     def fits(self) -> dict[str, dict]:
-        """Slope, growth fraction and range of each series with at least 3 points after warm-up."""
+        """Slope, t statistic, growth fraction and range of each series with at least 3 points after warm-up.
+
+        The fit is `diagnostics.stats.fit_growth`, the one growth statistic the doctor uses too; a series
+        is flagged when its slope reaches its threshold and it rose in `min_growth_fraction` of intervals.
+        """
         out = {}
         for key, pts in self.series.items():
-            if len(pts) < 3:
-                continue
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            grew = sum(b > a for a, b in zip(ys, ys[1:])) / (len(ys) - 1)
-            slope = _slope(xs, ys)
+            fit = fit_growth(xs, ys) if len(pts) >= 3 else None
+            if fit is None:  # fewer than 3 points, or all at one step: no slope is defined
+                continue
             out[key] = {
-                "slope": slope, "unit": self.UNITS[key], "growth_fraction": grew, "n": len(pts),
-                "steps": (xs[0], xs[-1]), "first": ys[0], "last": ys[-1],
-                "flagged": slope >= self.thresholds[key] and grew >= self.min_growth_fraction,
+                "slope": fit.slope, "unit": self.UNITS[key], "t_stat": fit.t_stat, "growth": fit.growth,
+                "growth_fraction": fit.growth_fraction, "n": fit.n, "steps": (xs[0], xs[-1]),
+                "first": ys[0], "last": ys[-1],
+                "flagged": fit.slope >= self.thresholds[key] and fit.growth_fraction >= self.min_growth_fraction,
             }
         return out
 
