@@ -83,12 +83,12 @@ def cmd_eval(args) -> int:
 
 def cmd_make_dataset(args) -> int:
     from . import data as D
-    from .config import _parse_value
+    from .schema import parse_scalar
 
     fields = {"seed": args.seed}
     for item in args.set or []:
         k, _, v = item.partition("=")
-        fields[k.removeprefix("synthetic.")] = _parse_value(v)
+        fields[k.removeprefix("synthetic.")] = parse_scalar(v)
     spec = D.SyntheticSpec(**fields)
     syn = D.load_or_generate(spec, args.cache_dir)
     if args.format != "cub":

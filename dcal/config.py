@@ -2,6 +2,10 @@
 
 Overrides are applied before anything is derived, so `--set train.batch_size=8` changes the LR the rule
 gives (the seed system computed its LR before reading overrides, so they were silently ignored).
+
+Every value, from `--set` or from a YAML/dict config, is checked against `SCHEMA` (its field's type and
+range, see `dcal.schema`) before anything is built: `model.glca=maybe`, `train.weight_decay=abc` and
+`train.base_lr=-1` are ConfigErrors naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -11,13 +15,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
+from .model import GLCA_INITS, GLCA_PLACEMENTS, GLCA_POOLS
 from .schedule import LR_RULES, global_batch_size, lr_for_rule
+from .schema import (
+    Bool,
+    Choice,
+    FloatOrList,
+    Int,
+    Mapping,
+    Nullable,
+    Number,
+    Pair,
+    PathOrBool,
+    Spec,
+    Str,
+    parse_scalar,
+)
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "PRESETS", "preset", "apply_overrides",
-           "derive", "config_to_dict", "config_from_dict", "PRETRAINED_DIR"]
+           "validate", "check_value", "derive", "config_to_dict", "config_from_dict", "PRETRAINED_DIR", "SCHEMA"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -131,72 +148,152 @@ def preset(name: str) -> Config:
     return PRESETS[name]()
 
 
-def _parse_value(text: str) -> Any:
-    """YAML, except that numbers YAML 1.1 leaves as strings (``5e-4``) are numbers."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse value {text!r}: {e}") from e
+DATA_FORMATS = ("synthetic", "cub", "imagefolder")
+OPTIMIZERS = ("adamw", "adam_l2")
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+_SECTIONS = ("model", "data", "train")
+
+# The type and range of every field, checked on `--set`, on YAML/dict configs and by `validate`.
+# tests/test_config.py holds a bad and a good value for each key and fails when a field has no spec here.
+SCHEMA: dict[str, Spec] = {
+    "model.backbone": Str(),
+    "model.pretrained": PathOrBool(),
+    "model.glca": Bool(),
+    "model.pwca": Bool(),
+    "model.glca_ratio": Number(0.0, 1.0, lo_open=True),  # R: a fraction of the patches, at least one
+    "model.glca_placement": Choice(GLCA_PLACEMENTS),
+    "model.glca_init": Nullable(Choice(GLCA_INITS)),
+    "model.glca_pool": Choice(GLCA_POOLS),
+    "model.pwca_detach_kv": Bool(),
+    "model.drop_path_rate": Number(0.0, 1.0, hi_open=True),  # a probability; 1 would drop every block
+    "model.grad_checkpointing": Bool(),
+    "model.timm_kwargs": Mapping(),
+    "data.format": Choice(DATA_FORMATS),
+    "data.root": Nullable(Str()),
+    "data.img_size": Int(1),
+    "data.resize_size": Int(1),
+    "data.skip_bad_images": Bool(),
+    "data.num_workers": Int(0),
+    "data.cache_dir": Nullable(Str()),
+    "data.synthetic": Mapping(),
+    "train.epochs": Int(1),
+    "train.batch_size": Int(1),
+    "train.grad_accum_steps": Int(1),
+    "train.lr_rule": Choice(LR_RULES),
+    "train.base_lr": Number(0.0, lo_open=True),
+    "train.lr": Nullable(Number(0.0, lo_open=True)),
+    "train.min_lr": Number(0.0),
+    "train.warmup_epochs": Number(0.0),
+    "train.optimizer": Choice(OPTIMIZERS),
+    "train.weight_decay": Number(0.0),
+    "train.clip_grad": Nullable(Number(0.0, lo_open=True)),
+    "train.amp": Choice(AMP_MODES),
+    "train.uncertainty_init": FloatOrList(),
+    "train.uncertainty_bounds": Nullable(Pair()),
+    "train.eval_every": Int(1),
+    "train.seed": Int(0, 2**32 - 1),  # numpy's seed range (seed + rank must stay distinct per process)
+    "train.device": Choice(DEVICES),
+    "train.progress": Bool(),
+    "train.save_best": Bool(),
+    "train.max_steps": Nullable(Int(1)),
+}
+
+
+def check_value(key: str, value: Any) -> Any:
+    """The value of field `key` (``section.name``) parsed and checked against `SCHEMA`, or a ConfigError."""
+    if key not in SCHEMA:
+        raise ConfigError(f"{key}: not a config field")
+    return SCHEMA[key].check(key, value)
+
+
+def _field(cfg: Config, key: str) -> tuple[Any, str]:
+    """(section object, field name) of ``section.name``, or a ConfigError naming the unknown part."""
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in _SECTIONS:
+        raise ConfigError(f"--set {key}: keys look like model.X, data.X or train.X")
+    section = getattr(cfg, parts[0])
+    if parts[1] not in {f.name for f in dataclasses.fields(section)}:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"--set {key}: unknown field {parts[0]}.{parts[1]} (known: {known})")
+    return section, parts[1]
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` (value parsed as YAML; `model.timm_kwargs.depth=6` reaches into dicts)."""
+    """Apply `section.key=value`, each value parsed and checked against its field's `SCHEMA` entry.
+
+    `model.timm_kwargs.depth=6` reaches into a mapping field (the value parsed as YAML, with ``5e-4`` a
+    number); the mapping's keys are checked where it is used (timm, `SyntheticSpec`) and by `validate`.
+    """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) < 2 or parts[0] not in ("model", "data", "train"):
-            raise ConfigError(f"--set {key}: keys look like model.X, data.X or train.X")
-        section = getattr(cfg, parts[0])
-        name = parts[1]
-        if name not in {f.name for f in dataclasses.fields(section)}:
-            known = ", ".join(f.name for f in dataclasses.fields(section))
-            raise ConfigError(f"--set {key}: unknown field {parts[0]}.{name} (known: {known})")
-        value = _parse_value(text)
+        key = key.strip()
+        section, name = _field(cfg, key)
+        parts = key.split(".")
         if len(parts) == 2:
-            setattr(section, name, value)
-        else:
-            target = getattr(section, name)
+            setattr(section, name, check_value(key, text))
+            continue
+        target = getattr(section, name)
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {key}: {parts[0]}.{name} is not a mapping")
+        for p in parts[2:-1]:
+            target = target.setdefault(p, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"--set {key}: {parts[0]}.{name} is not a mapping")
-            for p in parts[2:-1]:
-                target = target.setdefault(p, {})
-            target[parts[-1]] = value
+                raise ConfigError(f"--set {key}: {p} is not a mapping")
+        target[parts[-1]] = parse_scalar(text)
     return cfg
 
 
+def _check_fields(cfg: Config) -> None:
+    """Check (and normalise in place) every field against `SCHEMA`."""
+    for section_name in _SECTIONS:
+        section = getattr(cfg, section_name)
+        for f in dataclasses.fields(section):
+            key = f"{section_name}.{f.name}"
+            setattr(section, f.name, check_value(key, getattr(section, f.name)))
+
+
+def _check_synthetic(d: DataConfig) -> None:
+    """Build the `SyntheticSpec` (cheap, nothing generated) so that a bad `data.synthetic` key fails now."""
+    if d.format != "synthetic":
+        return
+    from .data.synthetic import SyntheticSpec
+
+    try:
+        spec = SyntheticSpec(**{"img_size": d.img_size, **d.synthetic})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.synthetic={d.synthetic!r} is not allowed ({e}); allowed: SyntheticSpec fields "
+                          f"({', '.join(f.name for f in dataclasses.fields(SyntheticSpec))})") from None
+    if spec.img_size != d.img_size:
+        raise ConfigError(f"data.synthetic.img_size ({spec.img_size}) differs from data.img_size ({d.img_size})")
+
+
+def _num_branches(m: ModelConfig) -> int:
+    return 1 + int(m.glca) + int(m.pwca)
+
+
 def validate(cfg: Config) -> None:
-    """Reject impossible configurations before anything is built, naming the field."""
+    """Check every field's type and range (normalising in place: ``"5e-4"`` → 0.0005) and the combinations
+    that cannot work, before anything is built; a ConfigError names the field, the value and what is allowed."""
+    _check_fields(cfg)
     t, d, m = cfg.train, cfg.data, cfg.model
-    if t.lr_rule not in LR_RULES:
-        raise ConfigError(f"train.lr_rule must be one of {LR_RULES}, got {t.lr_rule!r}")
-    if t.optimizer not in ("adamw", "adam_l2"):
-        raise ConfigError(f"train.optimizer must be 'adamw' or 'adam_l2', got {t.optimizer!r}")
-    for name in ("epochs", "batch_size", "grad_accum_steps", "eval_every"):
-        v = getattr(t, name)
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
     if m.pwca and t.batch_size < 2:
         raise ConfigError("train.batch_size=1 with model.pwca=true: PWCA pairs each image with another image "
                           "of its micro-batch; use train.batch_size >= 2 (with grad_accum_steps for the same "
                           "global batch) or model.pwca=false")
-    if t.amp not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be off, bf16 or fp16, got {t.amp!r}")
-    if d.format not in ("synthetic", "cub", "imagefolder"):
-        raise ConfigError(f"data.format must be synthetic, cub or imagefolder, got {d.format!r}")
     if d.format in ("cub", "imagefolder") and not d.root:
         raise ConfigError(f"data.format={d.format} needs data.root (e.g. --set data.root=/data/CUB_200_2011)")
     if d.resize_size < d.img_size:
         raise ConfigError(f"data.resize_size ({d.resize_size}) must be >= data.img_size ({d.img_size})")
-    if t.uncertainty_bounds is not None and (len(t.uncertainty_bounds) != 2 or not t.uncertainty_bounds[0] < t.uncertainty_bounds[1]):
-        raise ConfigError(f"train.uncertainty_bounds must be [low, high] with low < high, got {t.uncertainty_bounds}")
+    if t.lr_rule == "fixed" and t.lr is None:
+        raise ConfigError("train.lr_rule=fixed needs train.lr (a number > 0)")
+    if isinstance(t.uncertainty_init, list) and len(t.uncertainty_init) != _num_branches(m):
+        raise ConfigError(f"train.uncertainty_init={t.uncertainty_init} has {len(t.uncertainty_init)} values; "
+                          f"allowed: one number, or one per active branch ({_num_branches(m)} here)")
+    _check_synthetic(d)
 
 
 def derive(cfg: Config, *, world_size: int, steps_per_epoch: int, num_classes: int) -> Config:
@@ -224,8 +321,16 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def config_from_dict(d: dict) -> Config:
+    """A Config from a dict (a parsed config.yaml), every value checked against `SCHEMA`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping of model/data/train sections, got {type(d).__name__}")
+    unknown = sorted(set(d) - {*_SECTIONS, "derived"})
+    if unknown:
+        raise ConfigError(f"config has unknown sections {unknown} (known: model, data, train, derived)")
     try:
-        return Config(model=ModelConfig(**d.get("model", {})), data=DataConfig(**d.get("data", {})),
-                      train=TrainConfig(**d.get("train", {})), derived=dict(d.get("derived", {})))
+        cfg = Config(model=ModelConfig(**d.get("model", {})), data=DataConfig(**d.get("data", {})),
+                     train=TrainConfig(**d.get("train", {})), derived=dict(d.get("derived", {})))
     except TypeError as e:
         raise ConfigError(f"config has an unknown or missing field: {e}") from e
+    _check_fields(cfg)
+    return cfg
