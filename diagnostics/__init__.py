@@ -3,7 +3,7 @@
 Every tool works standalone (a context manager or a function) and as a `dcal.callbacks.Callback`;
 plotting helpers are pure (data in, a matplotlib Figure out); nothing here changes the model's numbers.
 """
-from . import doctor
+from . import doctor, verdicts
 from .attention import (
     RolloutCallback,
     plot_compare,
@@ -48,7 +48,7 @@ __all__ = [
     "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
     "random_selection", "selection_jaccard", "selection_onehot", "selection_stats", "uniform_fallback_selection",
     "RolloutExplorer", "rollout_explorer", "default_callbacks",
-    "doctor", "Finding", "diagnose", "RunLog", "RunLogError", "load_run", "read_metrics",
+    "doctor", "verdicts", "Finding", "diagnose", "RunLog", "RunLogError", "load_run", "read_metrics",
     "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
     "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
