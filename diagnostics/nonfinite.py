@@ -5,9 +5,18 @@ checked with one device sync. Tier 2 (`NonFiniteDetector`, only when tier 1 fire
 replayed under hooks on every module, which name the first module whose forward output, gradient w.r.t.
 its inputs, or parameter gradient is non-finite. `NonFiniteCallback` wires both into the trainer.
 
+`FiniteGuard` holds both tiers for one optimiser step at a time and needs no trainer: `NonFiniteCallback`
+(the `dcal.train.Trainer`'s events) and `diagnostics.watch` (hooks on any loop) are its two thin users.
+
 Errors are raised directly from the hook that finds them: exceptions raised in autograd hooks propagate out
 of ``loss.backward()`` unchanged (tested), so there is nothing to re-raise later, except for the one case
-described in `NonFiniteDetector`.
+described in `NonFiniteDetector`. `NonFiniteError` subclasses `dcal.NonFiniteLossError` (what the trainer's
+own check raises): ``except dcal.NonFiniteLossError`` catches both.
+
+Mixed precision: a `torch.amp.GradScaler` skips the optimiser step whose *scaled* gradients overflowed and
+lowers its scale; that is its design, not a fault. Given ``scaler=``, the detector and the guard treat a
+non-finite gradient (with a finite loss) as such an overflow; a non-finite forward value (the loss, an
+activation, w) is a fault whatever the scaler does, and so is a run of `MAX_OVERFLOWS_IN_A_ROW` overflows.
 """
 from __future__ import annotations
 
@@ -22,10 +31,20 @@ import torch.nn as nn
 from torch import Tensor
 
 from dcal.callbacks import Callback
+from dcal.errors import NonFiniteLossError
 
-__all__ = ["NonFiniteError", "NonFiniteDetector", "finite_checks", "NonFiniteCallback", "describe_tensor"]
+__all__ = ["NonFiniteError", "NonFiniteDetector", "finite_checks", "NonFiniteCallback", "describe_tensor",
+           "FiniteGuard", "StepCheck", "scaler_enabled", "MAX_OVERFLOWS_IN_A_ROW"]
 
 PHASES = ("forward", "backward")
+
+# A GradScaler halves its scale on every overflow (backoff 0.5). 20 overflows in a row take the default
+# initial scale 2^16 down to 2^-4: the loss is then multiplied by less than 1, so a gradient that still
+# overflows is not a scaling problem the scaler can solve but a non-finite gradient: a fault.
+MAX_OVERFLOWS_IN_A_ROW = 20
+
+# Tier-1 names of gradient terms: with an enabled GradScaler, these alone being non-finite is an overflow.
+GRADIENT_TERMS = ("grad_norm",)
 
 # torch warns once per process about backward hooks on modules it cannot hook (a dataclass output such as
 # DCALOutput, a module whose inputs need no gradient); both are expected here and say nothing to the user.
@@ -35,8 +54,8 @@ _HOOK_WARNINGS = (
 )
 
 
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf found in a run, with where it was found.
+class NonFiniteError(NonFiniteLossError):
+    """A NaN/Inf found in a run, with where it was found (a `dcal.NonFiniteLossError`, so a ``FloatingPointError``).
 
     Attributes:
         module: qualified module name (``backbone.blocks.3.mlp.fc1``), or the loss term (``loss_glca``,
@@ -59,6 +78,16 @@ class NonFiniteError(FloatingPointError):
 
     def __reduce__(self):
         return (type(self), (self.module, self.phase, self.step, self.detail))
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    """True for an enabled `torch.amp.GradScaler` (anything with ``is_enabled()``); False for None or a disabled one."""
+    if scaler is None:
+        return False
+    is_enabled = getattr(scaler, "is_enabled", None)
+    if not callable(is_enabled) or not callable(getattr(scaler, "get_scale", None)):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler (is_enabled(), get_scale()), got {type(scaler).__name__}")
+    return bool(is_enabled())
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -200,20 +229,30 @@ class NonFiniteDetector:
     backward-hook wrappers are identities. Limitation: torch's full backward hooks reject a module whose
     output is later modified in place (e.g. ``nn.ReLU(inplace=True)`` after a hooked module).
 
+    Mixed precision: with an enabled ``scaler``, the backward runs on *scaled* gradients, and a non-finite
+    one is an overflow the scaler skips (and lowers its scale for), not a fault: it is kept in `overflow`
+    (the first one, named as a finding would be) and nothing is raised. Forward values are not scaled, so
+    a non-finite forward output raises as without a scaler.
+
     Args:
         model: the module tree to watch; names are relative to it (``backbone.blocks.1.mlp.fc1``).
         step: the optimiser step, copied into every error.
         extra: more module trees to watch, by name (``{"loss_fn": trainer.loss_fn}`` → ``loss_fn``).
+        scaler: the run's `torch.amp.GradScaler` (or None); see above.
 
     Attributes:
         finding: the NonFiniteError raised (also when the caller catches it), else None.
+        overflow: with an enabled scaler, the first non-finite gradient seen (not raised), else None.
     """
 
-    def __init__(self, model: nn.Module, step: int | None = None, *, extra: Mapping[str, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, step: int | None = None, *, extra: Mapping[str, nn.Module] | None = None,
+                 scaler: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"NonFiniteDetector needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.step = step
+        self.scaler_skips = scaler_enabled(scaler)
+        self.overflow: NonFiniteError | None = None
         self.roots: list[tuple[str, nn.Module]] = [("", model)] + list((extra or {}).items())
         for name, m in self.roots[1:]:
             if not isinstance(m, nn.Module):
@@ -248,8 +287,13 @@ class NonFiniteDetector:
             self._reset_backward(task)
 
     def _raise(self, module: str, phase: str, detail: str) -> None:
-        self.finding = NonFiniteError(module, phase, self.step, detail)
-        raise self.finding
+        err = NonFiniteError(module, phase, self.step, detail)
+        if phase == "backward" and self.scaler_skips:
+            if self.overflow is None:  # scaled gradients: the GradScaler skips this step by design
+                self.overflow = err
+            return
+        self.finding = err
+        raise err
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, name: str):
@@ -327,6 +371,7 @@ class NonFiniteDetector:
         if self._handles:
             raise RuntimeError("NonFiniteDetector is already active (it is not re-entrant)")
         self.finding = None
+        self.overflow = None
         self._calls = {}
         self._reset_backward(-1)
         self._warn_ctx = warnings.catch_warnings()
@@ -371,23 +416,167 @@ class NonFiniteDetector:
             raise self.finding
 
 
+# ----------------------------------------------------------------------------- one step of any loop
+@dataclasses.dataclass
+class StepCheck:
+    """What `FiniteGuard.check` found for one optimiser step.
+
+    Attributes:
+        bad: the tier-1 names that were non-finite (empty for a healthy step).
+        error: the fault: tier 2's finding, or the tier-1 term when tier 2 is off or did not reproduce it;
+            None for a healthy step and for an overflow.
+        overflow: the GradScaler skips this step because its scaled gradients overflowed (not a fault).
+    """
+
+    bad: list[str]
+    error: NonFiniteError | None = None
+    overflow: bool = False
+
+
+def _base(name: str) -> str:
+    """``grad_norm (micro-batch 1)`` / ``w[2]`` → ``grad_norm`` / ``w``."""
+    return name.split(" (micro-batch")[0].split("[")[0]
+
+
+class FiniteGuard:
+    """Tier 1 and tier 2 for one optimiser step at a time, for any training loop.
+
+    Per micro-batch, `add_micro` keeps references to its loss terms (detached) and to what `replay` needs to
+    run it again; `check` tests them together with the step-level terms (gradient norm, w) in one
+    `finite_checks` call, so a healthy step costs one device sync however many micro-batches it has. On a
+    fault it replays the micro-batches whose terms failed (all of them when only a step-level term did)
+    under `NonFiniteDetector` and returns the first module named. `NonFiniteCallback` and
+    `diagnostics.watch` are its users.
+
+    Args:
+        model: the module tree tier 2 watches.
+        loss_fn: the criterion; watched too (named ``loss_fn``) when it is an ``nn.Module``.
+        replay: ``replay(batch)`` re-runs forward, loss and backward of one micro-batch, given the ``batch``
+            passed to `add_micro`; None: tier 1 only (the error names the tier-1 term).
+        scaler: the run's `torch.amp.GradScaler` or None; see `check`.
+    """
+
+    def __init__(self, model: nn.Module, *, loss_fn: Any = None, replay: Any = None, scaler: Any = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FiniteGuard needs an nn.Module, got {type(model).__name__}")
+        if replay is not None and not callable(replay):
+            raise TypeError(f"replay must be a callable replay(batch), got {type(replay).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn if isinstance(loss_fn, nn.Module) else None
+        self.replay = replay
+        self.scaler = scaler
+        self.scaler_skips = scaler_enabled(scaler)
+        self.overflows_in_a_row = 0
+        self.replaying = False
+        self._micro: list[tuple[dict[str, Any], Any]] = []
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches added since `begin_step`."""
+        return len(self._micro)
+
+    def begin_step(self) -> None:
+        """Forget the previous step's micro-batches."""
+        self._micro = []
+
+    def add_micro(self, terms: Mapping[str, Tensor | float | None], batch: Any = None) -> None:
+        """Keep one micro-batch's loss terms (name → scalar or small tensor) and its ``batch`` for `replay`."""
+        self._micro.append(({k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}, batch))
+
+    def check(self, step: int | None, values: Mapping[str, Any] | None = None, *,
+              scaler_skipped: bool | None = None) -> StepCheck:
+        """Tier 1 on this step's micro-batch terms and `values` (``grad_norm``, ``w``...); tier 2 on a fault.
+
+        Args:
+            step: the step's number, copied into the error.
+            values: step-level terms; None entries are skipped.
+            scaler_skipped: True: the GradScaler skipped this step (its ``optimizer.step`` never ran); False:
+                the optimiser step runs whatever the values are; None (the trainer's case, before
+                ``scaler.step``): an enabled scaler will skip a step whose gradients are non-finite.
+                A skipped step with finite loss terms, or one whose only non-finite terms are gradient
+                terms (`GRADIENT_TERMS`), is an overflow; `MAX_OVERFLOWS_IN_A_ROW` of them are a fault.
+        """
+        terms: dict[str, Any] = {}
+        many = len(self._micro) > 1
+        for i, (micro, _) in enumerate(self._micro):
+            for k, v in micro.items():
+                terms[f"{k} (micro-batch {i})" if many else k] = v
+        terms.update(values or {})
+        bad = finite_checks(terms)
+        grads_only = bool(bad) and all(_base(k) in GRADIENT_TERMS for k in bad)
+        overflow = (scaler_skipped is True and (not bad or grads_only)) or (
+            scaler_skipped is None and self.scaler_skips and grads_only)
+        if not overflow:
+            if not bad:
+                self.overflows_in_a_row = 0
+                return StepCheck([])
+            return StepCheck(bad, self._diagnose(step, bad, terms))
+        self.overflows_in_a_row += 1
+        if self.overflows_in_a_row < MAX_OVERFLOWS_IN_A_ROW:
+            return StepCheck(bad, overflow=True)
+        scale = self.scaler.get_scale()
+        note = (f"{self.overflows_in_a_row} GradScaler overflows in a row (scale now {scale:.3g}): the gradients "
+                "are non-finite at any scale")
+        return StepCheck(bad, self._diagnose(step, bad or ["grad_norm"], terms, note=note, exempt_overflow=False))
+
+    def locate(self, batch: Any, step: int | None = None, *, exempt_overflow: bool = True) -> NonFiniteError | None:
+        """Replay one micro-batch under `NonFiniteDetector`; the error it raises, or None.
+
+        Args:
+            exempt_overflow: pass the scaler to the detector (a non-finite scaled gradient is an overflow).
+        """
+        if self.replay is None:
+            raise RuntimeError("FiniteGuard.locate needs a replay(batch) callable (replay=None was given)")
+        extra = {"loss_fn": self.loss_fn} if self.loss_fn is not None else None
+        self.replaying = True
+        try:
+            with NonFiniteDetector(self.model, step=step, extra=extra,
+                                   scaler=self.scaler if exempt_overflow else None):
+                self.replay(batch)
+        except NonFiniteError as e:
+            return e
+        finally:
+            self.replaying = False
+        return None
+
+    def _diagnose(self, step: int | None, bad: list[str], values: Mapping[str, Any], *, note: str = "",
+                  exempt_overflow: bool = True) -> NonFiniteError:
+        where = _shorten([f"{k}={_scalar_text(values.get(k.split('[')[0]))}" for k in bad])
+        if note:
+            where = f"{where}; {note}"
+        first = bad[0].split(" (micro-batch")[0]
+        phase = "backward" if _base(first) in GRADIENT_TERMS else "forward"
+        if self.replay is None:
+            return NonFiniteError(first, phase, step, f"tier-1 check: {where} (replay off: give a replay to name "
+                                                      "the module)")
+        loss_bad = sorted({int(k.split("micro-batch ")[1].rstrip(")")) for k in bad if "micro-batch" in k})
+        for i in loss_bad or range(len(self._micro)):
+            e = self.locate(self._micro[i][1], step, exempt_overflow=exempt_overflow)
+            if e is not None:
+                extra = f" (micro-batch {i})" if len(self._micro) > 1 else ""
+                return NonFiniteError(e.module, e.phase, e.step, f"{e.detail}{extra}{'; ' + note if note else ''}")
+        return NonFiniteError(first, phase, step, f"not reproduced on replay; tier-1 check: {where}")
+
+
 # ----------------------------------------------------------------------------- trainer callback
-def _loss_weights(loss_fn: nn.Module | None) -> Tensor | None:
+def _loss_weights(loss_fn: Any) -> Tensor | None:
+    """The uncertainty weights w of a criterion: its ``weights()`` or its ``log_vars``; None if it has neither."""
     if loss_fn is None:
         return None
     weights = getattr(loss_fn, "weights", None)
-    return weights() if callable(weights) else getattr(loss_fn, "log_vars", None)
+    w = weights() if callable(weights) else getattr(loss_fn, "log_vars", None)
+    return w if isinstance(w, Tensor) else None
 
 
 class NonFiniteCallback(Callback):
-    """Tier 1 every step, tier 2 (a replay under `NonFiniteDetector`) when it fires.
+    """`FiniteGuard` on the trainer's events: tier 1 every step, tier 2 (a replay) when it fires.
 
-    `after_loss` keeps references to the loss terms of each micro-batch (the total, each branch loss, the
-    w_i); `before_step` checks them together with the gradient norm and w in one `finite_checks` call, so a
-    step costs one device sync however many micro-batches it accumulates. When a term is non-finite, the
-    micro-batches whose loss terms failed (all of the step's, if only the gradient norm or w did) are
-    replayed with ``trainer.replay(batch, rng_state)`` under `NonFiniteDetector(trainer.model,
-    extra={"loss_fn": trainer.loss_fn})`; the first module it names is the finding.
+    `after_loss` gives the guard each micro-batch's loss terms (the total and each branch loss) and its
+    (batch, RNG state); `before_step` checks them with the gradient norm and w, and replays the failed
+    micro-batches with ``trainer.replay(batch, rng_state)`` under `NonFiniteDetector(trainer.model,
+    extra={"loss_fn": trainer.loss_fn})`. With an enabled ``trainer.scaler`` a step whose only non-finite
+    term is the gradient norm is an fp16 overflow the scaler skips: not a fault; its record gets
+    ``skipped: true`` and ``skip_reason: "amp-overflow"``.
 
     Args:
         mode: ``"raise"``: raise the NonFiniteError (from the replay, or naming the tier-1 term with detail
@@ -398,8 +587,9 @@ class NonFiniteCallback(Callback):
     Errors carry ``step = trainer.step + 1`` at before_step: the number this step gets in its record.
 
     Needs from the trainer (see `dcal.callbacks`): model, loss_fn, batch, batch_rng_state, micro_step,
-    replay(), log(), step, loss, branch_losses, grad_norm, skip_step, record. A replay runs backward, so
-    it changes ``.grad``; that is harmless because the step is then either skipped or the run stops.
+    replay(), log(), step, loss, branch_losses, grad_norm, skip_step, record; scaler if it has one. A replay
+    runs backward, so it changes ``.grad``; that is harmless because the step is then either skipped or
+    the run stops.
     """
 
     order = -10  # before other callbacks see the step, so that skip_step is set early
@@ -410,45 +600,47 @@ class NonFiniteCallback(Callback):
         self.mode = mode
         self.replay = replay
         self.findings: list[NonFiniteError] = []
-        self._micro: list[tuple[Any, Any]] = []
-        self._terms: list[dict[str, Tensor]] = []
+        self.guard: FiniteGuard | None = None
         self._pending: str | None = None
-        self._replaying = False
+        self._overflow = False
+
+    def _guard(self, trainer) -> FiniteGuard:
+        if self.guard is None or self.guard.model is not trainer.model:
+            replay = (lambda b: trainer.replay(*b)) if self.replay else None
+            self.guard = FiniteGuard(trainer.model, loss_fn=getattr(trainer, "loss_fn", None), replay=replay,
+                                     scaler=getattr(trainer, "scaler", None))
+        return self.guard
 
     def before_batch(self, trainer) -> None:
-        if self._replaying:
-            return
-        if trainer.micro_step == 0:
-            self._micro, self._terms, self._pending = [], [], None
-        self._micro.append((trainer.batch, trainer.batch_rng_state))
+        guard = self._guard(trainer)
+        if not guard.replaying and trainer.micro_step == 0:
+            guard.begin_step()
+            self._pending, self._overflow = None, False
 
     def after_loss(self, trainer) -> None:
-        if self._replaying:
+        guard = self._guard(trainer)
+        if guard.replaying:
             return
         # Branch losses first: when the total is non-finite too, the branch is the more precise name.
-        terms = {f"loss_{k}": v.detach() for k, v in (getattr(trainer, "branch_losses", None) or {}).items()}
-        terms["loss"] = trainer.loss.detach()
-        self._terms.append(terms)
+        terms = {f"loss_{k}": v for k, v in (getattr(trainer, "branch_losses", None) or {}).items()}
+        terms["loss"] = trainer.loss
+        guard.add_micro(terms, (trainer.batch, trainer.batch_rng_state))
 
     def before_step(self, trainer) -> None:
-        if self._replaying:
+        guard = self._guard(trainer)
+        if guard.replaying:
             return
-        values: dict[str, Any] = {}
-        many = len(self._terms) > 1
-        for i, terms in enumerate(self._terms):
-            for k, v in terms.items():
-                values[f"{k} (micro-batch {i})" if many else k] = v
-        values["grad_norm"] = getattr(trainer, "grad_norm", None)
         w = _loss_weights(getattr(trainer, "loss_fn", None))
-        values["w"] = None if w is None else w.detach()
-        bad = finite_checks(values)
-        if not bad:
+        result = guard.check(trainer.step + 1, {"grad_norm": getattr(trainer, "grad_norm", None),
+                                                "w": None if w is None else w.detach()})
+        self._overflow = result.overflow
+        err = result.error
+        if err is None:
             return
-        err = self._diagnose(trainer, bad, values)
         self.findings.append(err)
         if self.mode == "raise":
             raise err
-        trainer.log(f"non-finite {_shorten(bad)}: {err}")
+        trainer.log(f"non-finite {_shorten(result.bad)}: {err}")
         trainer.skip_step = True
         self._pending = f"{err.module} ({err.phase})"
 
@@ -456,8 +648,10 @@ class NonFiniteCallback(Callback):
         if self._pending is not None:
             trainer.record["nonfinite"] = self._pending
             self._pending = None
+        if self._overflow:
+            trainer.record.update(skipped=True, skip_reason="amp-overflow")
+            self._overflow = False
 
-    # ------------------------------------------------------------------
     def locate(self, trainer, batch: Any = None, rng_state: Any = None, step: int | None = None) -> NonFiniteError | None:
         """Replay one micro-batch (default: the current one) under `NonFiniteDetector`; the finding or None.
 
@@ -465,36 +659,11 @@ class NonFiniteCallback(Callback):
         non-finite attention map), to name the module upstream of the symptom."""
         batch = trainer.batch if batch is None else batch
         rng_state = trainer.batch_rng_state if rng_state is None else rng_state
-        loss_fn = getattr(trainer, "loss_fn", None)
-        extra = {"loss_fn": loss_fn} if isinstance(loss_fn, nn.Module) else None
-        self._replaying = True
-        try:
-            with NonFiniteDetector(trainer.model, step=step, extra=extra):
-                trainer.replay(batch, rng_state)
-        except NonFiniteError as e:
-            return e
-        finally:
-            self._replaying = False
-        return None
-
-    def _diagnose(self, trainer, bad: list[str], values: Mapping[str, Any]) -> NonFiniteError:
-        step = trainer.step + 1  # numbered as in this step's record (trainer.step counts the steps done)
-        where = _shorten([f"{k}={_scalar_text(values.get(k.split('[')[0]))}" for k in bad])
-        first = bad[0].split(" (micro-batch")[0]
-        phase = "backward" if first == "grad_norm" else "forward"
-        if not self.replay:
-            return NonFiniteError(first, phase, step, f"tier-1 check: {where} (replay off)")
-        loss_bad = sorted({int(k.split("micro-batch ")[1].rstrip(")")) for k in bad if "micro-batch" in k})
-        if not loss_bad and any(k.startswith("loss") for k in bad):
-            loss_bad = [0]
-        for i in loss_bad or range(len(self._micro)):
-            batch, rng = self._micro[i]
-            e = self.locate(trainer, batch, rng, step)
-            if e is not None:
-                if len(self._micro) > 1:
-                    e = NonFiniteError(e.module, e.phase, e.step, f"{e.detail} (micro-batch {i})")
-                return e
-        return NonFiniteError(first, phase, step, f"not reproduced on replay; tier-1 check: {where}")
+        guard = self._guard(trainer)
+        if guard.replay is None:
+            guard = FiniteGuard(trainer.model, loss_fn=guard.loss_fn, replay=lambda b: trainer.replay(*b),
+                                scaler=guard.scaler)
+        return guard.locate((batch, rng_state), step)
 
 
 def _shorten(items: list[str], n: int = 4) -> str:
