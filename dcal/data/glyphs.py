@@ -4,12 +4,15 @@ Every glyph is a 5x5 binary grid with exactly :data:`INK_CELLS` inked cells, so 
 the same amount of ink on the image (colour histograms then carry no class information). Every glyph is
 left-right mirror symmetric, so that horizontal-flip augmentation never turns one class into another.
 
-Two disjoint glyph sets exist:
+Three disjoint glyph families exist:
 
 * the *benchmark* set: hand-drawn shapes (plus, cross, tee, ...), up to 12 classes;
 * the *pretrain* set: seeded random symmetric 9-cell patterns, kept far (Hamming distance) from every
   benchmark glyph and from every one-cell shift of one, so a pre-trained backbone has never seen a
-  benchmark class.
+  benchmark class;
+* the *decoy* sets: more seeded random symmetric 9-cell patterns, far from every class glyph of both
+  families, one set per family (the benchmark's decoys are never seen in pre-training). A decoy looks like
+  a class mark (same plate, same ink area, same stroke grid) but carries no class information.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import functools
 
 import numpy as np
 
-__all__ = ["GRID", "INK_CELLS", "BENCHMARK_GLYPHS", "benchmark_glyphs", "pretrain_glyphs", "glyph_coverage"]
+__all__ = ["GRID", "INK_CELLS", "BENCHMARK_GLYPHS", "benchmark_glyphs", "pretrain_glyphs", "decoy_glyphs",
+           "glyph_coverage"]
 
 GRID = 5  # glyph grid side, in cells
 INK_CELLS = 9  # inked cells per glyph: equal for all glyphs so ink area carries no class information
@@ -140,6 +144,51 @@ def pretrain_glyphs(num_classes: int) -> tuple[list[str], np.ndarray]:
     if not 1 <= num_classes <= _PRETRAIN_MAX:
         raise ValueError(f"pretrain family has at most {_PRETRAIN_MAX} glyph classes, got num_classes={num_classes}")
     return [f"pattern{i:02d}" for i in range(num_classes)], _pretrain_pool()[:num_classes].copy()
+
+
+_DECOY_POOL_SEED = 20220503
+_DECOYS_PER_FAMILY = 16
+_DECOY_FAMILIES = ("benchmark", "pretrain")  # the order of the sets in the pool
+_MIN_DIST_DECOY = 4  # Hamming distance from every class glyph of both families, and between decoys
+
+
+@functools.lru_cache(maxsize=1)
+def _decoy_pool() -> np.ndarray:
+    """(2 * _DECOYS_PER_FAMILY, GRID, GRID) bool: deterministic random symmetric 9-cell decoy glyphs."""
+    rng = np.random.default_rng(_DECOY_POOL_SEED)
+    forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)] + list(_pretrain_pool())
+    half_cells = [(r, c) for r in range(GRID) for c in range(GRID // 2)]
+    need = _DECOYS_PER_FAMILY * len(_DECOY_FAMILIES)
+    pool: list[np.ndarray] = []
+    for _ in range(200_000):
+        n_centre = int(rng.choice([1, 3, 5]))
+        n_pairs = (INK_CELLS - n_centre) // 2
+        g = np.zeros((GRID, GRID), dtype=bool)
+        for i in rng.choice(len(half_cells), size=n_pairs, replace=False):
+            r, c = half_cells[i]
+            g[r, c] = g[r, GRID - 1 - c] = True
+        g[rng.choice(GRID, size=n_centre, replace=False), GRID // 2] = True
+        if any(int((g ^ f).sum()) < _MIN_DIST_DECOY for f in forbidden + pool):
+            continue
+        pool.append(g)
+        if len(pool) == need:
+            break
+    if len(pool) < need:
+        raise RuntimeError(f"could only build {len(pool)} decoy glyphs, need {need}")
+    for i, g in enumerate(pool):
+        _check_glyph(f"decoy_{i}", g)
+    return np.stack(pool)
+
+
+def decoy_glyphs(family: str) -> np.ndarray:
+    """The decoy glyphs of ``family`` (``"benchmark"`` or ``"pretrain"``): (16, GRID, GRID) bool.
+
+    Disjoint from every class glyph of both families and from the other family's decoys.
+    """
+    if family not in _DECOY_FAMILIES:
+        raise ValueError(f"decoy_glyphs: family must be one of {_DECOY_FAMILIES}, got {family!r}")
+    i = _DECOY_FAMILIES.index(family)
+    return _decoy_pool()[i * _DECOYS_PER_FAMILY:(i + 1) * _DECOYS_PER_FAMILY].copy()
 
 
 _SUPERSAMPLE = 4  # sub-pixel samples per axis: anti-aliased, rotation-exact glyph strokes

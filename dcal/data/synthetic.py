@@ -7,10 +7,17 @@ of ``part_size`` px with a dark glyph on a light plate.
 
 * The *part* is the mark on the head. Its glyph is the class: nothing else in the image depends on the
   label. It moves with the pose (it sits at the head end of the body, wherever that points).
-* The *distractors* are marks of the same family (same size, same plate/ink colour distributions, glyph
-  drawn uniformly at random from the same glyph set, independent of the label), placed on the body or on
-  the background, never overlapping the part box. A bag-of-glyphs model is therefore not enough: the
-  network must find the mark that sits on the head.
+* The *distractors* are look-alike marks (same size, same plate/ink colour distributions, same stroke grid
+  and ink area), placed on the body or on the background, never overlapping the part box. What they
+  carry is a data setting (``distractor_glyphs``):
+
+  - ``"decoy"`` (the benchmark's default): glyphs of the family's own *decoy* set (:func:`dcal.data.glyphs.decoy_glyphs`),
+    disjoint from every class glyph. The class mark is unique in the image; finding it among marks that
+    look like it — telling a class glyph from a decoy — is itself the fine-grained skill.
+  - ``"random"`` (hard, relational): glyphs drawn uniformly from the *same class set*, independent of the
+    label. Every image then shows two or three class glyphs, and only the one on the head counts: the
+    network must work out which plate sits on the head. A tiny ViT on a CPU budget plateaus near 0.6 here.
+  - ``"class"``: copies of the class glyph (the class is visible all over the image; pre-training stage 1).
 * All glyphs have the same ink area and are left-right symmetric (see :mod:`dcal.data.glyphs`), so colour
   histograms carry no class information and horizontal-flip augmentation keeps the label.
 * The glyph itself is drawn upright with a small random tilt (``glyph_tilt_deg``), not rotated with the
@@ -42,7 +49,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
-from .glyphs import benchmark_glyphs, glyph_coverage, pretrain_glyphs
+from .glyphs import benchmark_glyphs, decoy_glyphs, glyph_coverage, pretrain_glyphs
 from .sample import BoxTransform, build_sample
 from .transforms import default_transform
 
@@ -52,8 +59,9 @@ __all__ = [
 ]
 
 # Bump when the renderer changes, so stale cache files are never reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: decoy distractors (distractor_glyphs="decoy")
 _FAMILIES = {"benchmark": 0, "pretrain": 1}  # family -> extra seed word: separate random streams
+DISTRACTOR_GLYPHS = ("decoy", "random", "class")
 
 _log = logging.getLogger("dcal.data")
 
@@ -77,10 +85,10 @@ class SyntheticSpec:
     clutter_lines: int = 4  # faint line segments
     noise_std: float = 0.02  # per-pixel Gaussian noise (in [0, 1] units), breaks flat colour regions
     distractor_on_body_prob: float = 0.5  # else on the background: the body alone does not identify the part
-    # "random": distractors carry uniformly random glyphs (no class information, the benchmark);
-    # "class": they repeat the class glyph, so the class is visible all over the image (an easy first
-    # stage for pre-training: a mean over patches already carries it).
-    distractor_glyphs: str = "random"
+    # What the look-alike marks carry (see the module docstring): "decoy" (glyphs of a disjoint decoy set:
+    # the class mark is unique, the default), "random" (class glyphs drawn independently of the label: a
+    # relational puzzle, hard), "class" (copies of the class glyph: pre-training stage 1).
+    distractor_glyphs: str = "decoy"
     # Corners of every mark snap to multiples of this many px (1: anywhere; default 8). 8 with part_size 16 puts each
     # mark on exactly 2x2 patches of an 8-px ViT: the glyph looks the same wherever it is, which a ViT's
     # patch embedding (equivariant only to whole-patch shifts) learns far faster than 64 sub-patch offsets.
@@ -99,8 +107,9 @@ class SyntheticSpec:
             raise ValueError(f"SyntheticSpec.part_size must be in 6..img_size/3, got {self.part_size}")
         if self.train_per_class < 0 or self.test_per_class < 0 or self.train_per_class + self.test_per_class == 0:
             raise ValueError("SyntheticSpec.train_per_class/test_per_class must be >= 0 and not both 0")
-        if self.distractor_glyphs not in ("random", "class"):
-            raise ValueError(f"SyntheticSpec.distractor_glyphs must be 'random' or 'class', got {self.distractor_glyphs!r}")
+        if self.distractor_glyphs not in DISTRACTOR_GLYPHS:
+            raise ValueError(f"SyntheticSpec.distractor_glyphs must be one of {DISTRACTOR_GLYPHS}, "
+                             f"got {self.distractor_glyphs!r}")
         if self.mark_grid < 1:
             raise ValueError(f"SyntheticSpec.mark_grid must be >= 1, got {self.mark_grid}")
         if self.num_distractors < 0:
@@ -154,7 +163,8 @@ class SyntheticData:
     is_train: np.ndarray  # (n,) bool
     class_names: list[str]
     poses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (n,) head direction, radians
-    distractor_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (n, M) glyph ids
+    # (n, M) glyph ids of the distractors: 0..C-1 a class glyph, C + j the family's decoy glyph j
+    distractor_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
     spec: SyntheticSpec | None = None
 
     def __len__(self) -> int:
@@ -385,9 +395,15 @@ def _render_chunk(rng: np.random.Generator, spec: SyntheticSpec, coverage_table:
     part_boxes += np.concatenate([shift, shift], axis=1)
     dist_boxes = np.stack([_place_distractors(rng, spec, centre[i], theta[i], g["a"][i], g["b"][i], part_boxes[i])
                            for i in range(B)]).reshape(B, M, 4)
-    dist_labels = rng.integers(len(coverage_table), size=(B, M))  # uniform, independent of the label
-    if spec.distractor_glyphs == "class":
-        dist_labels = np.repeat(labels[:, None], M, axis=1)  # (B, M): copies of the class glyph
+    C = spec.num_classes  # the coverage table holds the C class glyphs, then the family's decoys
+    if spec.distractor_glyphs == "decoy":
+        dist_labels = C + rng.integers(len(coverage_table) - C, size=(B, M))  # a decoy glyph, uniform
+    else:
+        # "random" and "class" draw exactly what generator version 1 drew, so their images (and the shipped
+        # backbone's pre-training data) are unchanged
+        dist_labels = rng.integers(C, size=(B, M))  # a class glyph, uniform, independent of the label
+        if spec.distractor_glyphs == "class":
+            dist_labels = np.repeat(labels[:, None], M, axis=1)  # (B, M): copies of the class glyph
 
     # marks: part first, then distractors; same colour and tilt distributions for all of them
     boxes = np.concatenate([part_boxes[:, None], dist_boxes], axis=1).reshape(B * (M + 1), 4)
@@ -432,7 +448,7 @@ def generate(spec: SyntheticSpec) -> SyntheticData:
     centres = np.arange(L, dtype=np.float32) + 0.5
     py, px = np.meshgrid(centres, centres, indexing="ij")  # (L, L) pixel centres
     px, py = px[None], py[None]  # (1, L, L): broadcast over the chunk
-    table = _coverage_table(spec, glyphs)  # (C, T, S, S)
+    table = _coverage_table(spec, np.concatenate([glyphs, decoy_glyphs(spec.family)]))  # (C + D, T, S, S)
     chunks = [_render_chunk(rng, spec, table, labels[i:i + _CHUNK], px, py) for i in range(0, n, _CHUNK)]
     out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     return SyntheticData(labels=labels, is_train=np.arange(n) < C * spec.train_per_class,
