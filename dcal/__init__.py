@@ -7,7 +7,7 @@ from .model import DCAL, GLCA, DCALOutput, build_model, derangement, eval_mode, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DCAL", "GLCA", "DCALOutput", "build_model", "derangement", "attention_rollout",
+    "DCAL", "GLCA", "DCALOutput", "build_model", "derangement", "eval_mode", "fused_probs", "attention_rollout",
     "UncertaintyLoss", "param_groups",
     "ConfigError", "RolloutError", "CheckpointError", "NonFiniteLossError",
 ]

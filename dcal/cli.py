@@ -45,12 +45,16 @@ def _config(args) -> Config:  # noqa: F821
 
 def cmd_train(args) -> int:
     from .config import validate
+    from .distributed import teardown_distributed
     from .train import build_trainer
 
     cfg = _config(args)
     validate(cfg)
-    trainer = build_trainer(cfg, args.out, callbacks=_callbacks(not args.no_diagnostics), resume=args.resume)
-    trainer.fit()
+    try:
+        trainer = build_trainer(cfg, args.out, callbacks=_callbacks(not args.no_diagnostics), resume=args.resume)
+        trainer.fit()
+    finally:
+        teardown_distributed()  # torchrun: destroy the process group, also when the run failed
     if trainer.rank == 0:
         print(json.dumps(trainer.last_eval))
     return 0

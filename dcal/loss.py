@@ -10,7 +10,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["UncertaintyLoss", "param_groups"]
+__all__ = ["UncertaintyLoss", "param_groups", "BRANCHES"]
+
+BRANCHES = ("sa", "glca", "pwca")  # the branch losses, in the order UncertaintyLoss weighs them
 
 
 class UncertaintyLoss(nn.Module):
@@ -55,29 +57,22 @@ class UncertaintyLoss(nn.Module):
         return f"num_tasks={self.num_tasks}, bounds={self.bounds}"
 
 
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
-
-
 def param_groups(model: nn.Module, loss: nn.Module | None = None, weight_decay: float = 0.05) -> list[dict]:
-    """AdamW parameter groups: decay on weight matrices only.
+    """AdamW parameter groups (DCAL_METHOD.md §6): decay on weight matrices only.
 
-    No weight decay on biases, norm weights (every 1-D parameter), the position embedding, the class (and
-    register) tokens, and the loss's w_i (their own group, named ``uncertainty``).
+    timm's `param_groups_weight_decay` decides, with the model's own `no_weight_decay()` names (DCAL's:
+    the backbone's position embedding and class/register tokens): no decay on those, on biases and on
+    every 1-D parameter (norm weights). The loss's w_i get their own group, named ``uncertainty``, never
+    decayed (decay would pull the log-variances towards 0).
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    for g in groups:
+        g["name"] = "decay" if g["weight_decay"] else "no_decay"
     if loss is not None:
         lp = [p for p in loss.parameters() if p.requires_grad]
         if lp:
             groups.append({"params": lp, "weight_decay": 0.0, "name": "uncertainty"})
-    return [g for g in groups if g["params"]]
+    return groups

@@ -280,6 +280,47 @@ class DCAL(nn.Module):
             out = self(x)
         return fused_probs(out.sa_logits, out.glca_logits)
 
+    # ----------------------------------------------------------------- timm's model contract
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that take no weight decay: the backbone's own list (position embedding,
+        class/register tokens), under ``backbone.``; GLCA adds none. timm's `param_groups_weight_decay`
+        reads it (and excludes every 1-D parameter besides), as `dcal.param_groups` does."""
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the SA and PWCA blocks in backward (the ``grad_checkpointing`` switch, timm's name);
+        the backbone's own flag follows, so `forward_features` checkpoints too. Outputs are unchanged."""
+        self.grad_checkpointing = enable
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """timm's first stage, for the SA branch: the tokens after the final norm, (B, N, C), exactly
+        ``self.backbone.forward_features(x)``. DCAL's other branches need the rollout (GLCA) and the pairs
+        (PWCA), which only `forward` computes; their logits are in `forward`'s `DCALOutput`."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's second stage, for the SA branch: `forward_features`' tokens → SA logits (B, num_classes),
+        or the pooled features (B, C) with ``pre_logits=True``; equal to `forward(x).sa_logits` in eval."""
+        return self.backbone.forward_head(x, pre_logits=pre_logits)
+
+    def hook_points(self) -> dict[str, nn.Module]:
+        """The modules to register forward hooks on, per attention, by name: each ``attn.proj``.
+
+        `dcal.layers` runs timm's `Attention` stage by stage, calling `attn.qkv` and `attn.proj` directly:
+        ``attn.forward`` (and ``attn.attn_drop`` on the fused path) never runs, so hooks on the ``attn``
+        modules themselves, as attention-visualisation tools register them, see nothing. ``attn.proj`` is
+        called by every branch (SA and PWCA in each backbone block, GLCA in its block); its input is the
+        heads' merged output (B, Nq, C). (``attn.qkv`` is called by SA and PWCA only: GLCA splits its
+        weight into query and key/value projections.) For where attention goes, read `DCALOutput.rollout`.
+        """
+        points = {f"backbone.blocks.{i}.attn.proj": blk.attn.proj for i, blk in enumerate(self.backbone.blocks)}
+        if self.glca is not None:
+            points["glca.block.attn.proj"] = self.glca.block.attn.proj
+        return points
+
     def extra_repr(self) -> str:
         return (f"glca={self.glca is not None}, pwca={self.pwca_enabled}, glca_ratio={self.glca_ratio}, "
                 f"k={self.num_local}/{self.num_patches}, placement={self.glca_placement}")

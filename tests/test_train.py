@@ -42,6 +42,10 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def last_eval(recs: list[dict]) -> dict:
+    return [r for r in recs if r["kind"] == "eval"][-1]
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -112,7 +116,7 @@ def test_ablation_switches_give_null_fields(cache, tmp_path):
     run = tmp_path / "sa"
     build_trainer(tiny_cfg("model.glca=false", "model.pwca=false", "train.epochs=1", cache=cache), run).fit()
     recs = read_metrics(run)
-    step, ev = recs[0], recs[-1]
+    step, ev = recs[0], last_eval(recs)
     assert step["loss_glca"] is None and step["loss_pwca"] is None and step["w_glca"] is None
     assert step["loss_sa"] is not None
     assert ev["acc_glca"] is None and ev["acc_fused"] == ev["acc_sa"]
@@ -165,6 +169,54 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cache,
     with pytest.raises(NonFiniteLossError, match=r"step 9 \(epoch 2\): non-finite loss, glca"):
         tr.fit()
     assert load_checkpoint(run / "last.pt")["step"] == 6  # end of epoch 1, untouched
+    end = read_metrics(run)[-1]
+    assert end["status"] == "crashed" and end["exception"]["type"] == "NonFiniteLossError"
+    assert "train.py:" in end["exception"]["where"] and end["exception"]["where"].endswith("in _optimizer_step")
+
+
+class Crash(Callback):
+    """Raises at the start of optimiser step `at` (1-based)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def before_batch(self, trainer):
+        if trainer.step + 1 == self.at:
+            raise RuntimeError(f"injected crash at step {self.at}")
+
+
+def test_a_completed_run_ends_with_an_end_record(cache, tmp_path):
+    run = tmp_path / "run"
+    build_trainer(tiny_cfg(cache=cache), run).fit()
+    recs = read_metrics(run)
+    assert recs[-1] == {"kind": "end", "status": "completed", "step": 12, "epoch": 2, "exception": None}
+    assert [r["kind"] for r in recs].count("end") == 1
+
+
+def test_a_crash_is_recorded_reraised_and_keeps_last_pt(cache, tmp_path):
+    run = tmp_path / "run"
+    tr = build_trainer(tiny_cfg(cache=cache), run, callbacks=[Crash(at=9)])
+    with pytest.raises(RuntimeError, match="injected crash at step 9"):
+        tr.fit()
+    end = read_metrics(run)[-1]
+    assert end["kind"] == "end" and end["status"] == "crashed" and end["step"] == 8 and end["epoch"] == 1
+    exc = end["exception"]
+    assert exc["type"] == "RuntimeError" and exc["message"] == "injected crash at step 9"
+    assert exc["where"].startswith(__file__ + ":") and exc["where"].endswith(" in before_batch")
+    assert load_checkpoint(run / "last.pt")["step"] == 6  # the end of epoch 1, untouched
+
+
+def test_crash_then_resume_gives_the_uninterrupted_metrics_and_keeps_the_end_record(cache, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    build_trainer(tiny_cfg(cache=cache), ref).fit()
+    with pytest.raises(RuntimeError):
+        build_trainer(tiny_cfg(cache=cache), cut, callbacks=[Crash(at=9)]).fit()
+    build_trainer(tiny_cfg(cache=cache), cut, resume=True).fit()
+    a, b = strip_time(read_metrics(ref)), strip_time(read_metrics(cut))
+    crashed = [r for r in b if r["kind"] == "end" and r["status"] == "crashed"]
+    assert len(crashed) == 1 and crashed[0]["step"] == 8  # kept as history, after the checkpoint's records
+    assert [r for r in b if r not in crashed] == a  # everything else exactly as if it had never crashed
+    assert b.index(crashed[0]) == [r["kind"] for r in b].index("eval") + 1  # right after epoch 1's eval
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -264,8 +316,8 @@ def test_make_dataset_cub_then_train_and_eval_on_it(cache, tmp_path):
     p = cli("train", "--preset", "demo", "--out", str(run), *tiny_args(cache, "data.format=cub", f"data.root={root}", "train.epochs=1"))
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    ev = read_metrics(run)[-1]
-    assert ev["kind"] == "eval" and ev["num_classes"] == 3 and ev["part_hit"] is not None
+    ev = last_eval(read_metrics(run))
+    assert ev["num_classes"] == 3 and ev["part_hit"] is not None
     p = cli("eval", "--checkpoint", str(run / "last.pt"))
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -274,11 +326,17 @@ def test_make_dataset_cub_then_train_and_eval_on_it(cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(cache, tmp_path):
+def test_torchrun_two_processes_gloo_evaluates_exactly_like_one_process(cache, tmp_path):
+    """2 gloo processes on an odd test set (3 × 7 = 21 images): the eval record equals a one-process
+    evaluation of the same weights (a padded DistributedSampler would score 22, one twice)."""
+    from dcal.evaluate import evaluate
+    from dcal.train import build_datasets, config_of_checkpoint, model_from_config, normalisation
+
     run = tmp_path / "ddp"
+    odd = "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 7, part_size: 10, mark_grid: 1, seed: 0}"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
             "-m", "dcal", "train", "--preset", "demo", "--out", str(run), "--no-diagnostics",
-            *tiny_args(cache, "train.epochs=1", "train.batch_size=4")]
+            *tiny_args(cache, "train.epochs=1", "train.batch_size=4", odd)]
     r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -287,6 +345,38 @@ def test_torchrun_two_processes_gloo(cache, tmp_path):
     steps = [x for x in recs if x["kind"] == "step"]
     assert len(steps) == 48 // 8  # each rank sees half the data per epoch: 6 optimiser steps
     assert [s["step"] for s in steps] == list(range(1, 7))  # rank 0 alone writes the log
+    assert recs[-1]["kind"] == "end" and recs[-1]["status"] == "completed"
+    ddp_eval = last_eval(recs)
+    assert ddp_eval["num_images"] == 21
+
+    ckpt = load_checkpoint(run / "last.pt")
+    one = config_of_checkpoint(ckpt)
+    one.model.pretrained = False
+    _, test_ds, num_classes = build_datasets(one, *normalisation(one.model.backbone))
+    model = model_from_config(one, num_classes)
+    model.load_state_dict(ckpt["model"])
+    res, _ = evaluate(model, torch.utils.data.DataLoader(test_ds, batch_size=64), torch.device("cpu"))
+    assert res["num_images"] == 21 and res["part_hit"] is not None and res["distractor_hit"] is not None
+    # Every count is exact; the mean loss agrees to ~1e-8: an image's fp32 logits change in the last bits
+    # with the batch it is computed in (64 images here, 10 or 11 per process there).
+    for k, v in res.items():
+        assert ddp_eval[k] == (pytest.approx(v, rel=1e-6) if k == "loss_sa" else v), k
+
+
+def test_the_cli_destroys_the_process_group_also_when_the_run_fails(monkeypatch, tmp_path):
+    import dcal.distributed
+    import dcal.train
+    from dcal.cli import main
+
+    calls = []
+    monkeypatch.setattr(dcal.distributed, "teardown_distributed", lambda: calls.append("teardown"))
+
+    def failing_build(*args, **kwargs):
+        raise ConfigError("data went missing")
+
+    monkeypatch.setattr(dcal.train, "build_trainer", failing_build)
+    assert main(["train", "--preset", "demo", "--out", str(tmp_path / "x"), "--no-diagnostics"]) == 2
+    assert calls == ["teardown"]
 
 
 def test_nonfinite_callback_names_the_module_of_a_forward_overflow_in_a_training_run(cache, tmp_path):
