@@ -2,16 +2,26 @@
 
 One module per concern: `tracker` (the CPU live-tensor tracker), `sources` (CUDA / CPU / RSS),
 `profiler` (`MemoryProfiler`, `record_history`, `oom_snapshot`), `leaks` (`LeakDetector`,
-`count_graph_tensors`, `find_graph_holders`), `estimate` (`attention_memory`), `callback` (`MemoryCallback`).
+`count_graph_tensors`, `find_graph_holders`), `estimate` (`attention_memory`), `predict`
+(`predict_step_memory`: a step's peak from shapes alone, on meta tensors), `seed` (`SeedLikeDCAL`, the seed
+system's design, and `seed_case`), `cli` (`dcal memory`), `callback` (`MemoryCallback`).
 Every public name is re-exported here: ``diagnostics.memory.X`` keeps working.
 """
 from .callback import MemoryCallback
 from .estimate import attention_memory
 from .leaks import LeakDetector, count_graph_tensors, find_graph_holders
+from .predict import (
+    MemoryPrediction,
+    MetaUnsupportedError,
+    PhasePeak,
+    measure_step_memory,
+    predict_step_memory,
+)
 from .profiler import MemoryProfiler, oom_snapshot, record_history
 from .sources import SOURCES
 
 __all__ = [
     "MemoryProfiler", "MemoryCallback", "LeakDetector", "attention_memory",
     "count_graph_tensors", "find_graph_holders", "record_history", "oom_snapshot", "SOURCES",
+    "predict_step_memory", "measure_step_memory", "MemoryPrediction", "PhasePeak", "MetaUnsupportedError",
 ]

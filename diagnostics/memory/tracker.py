@@ -33,13 +33,17 @@ class StorageTracker(TorchDispatchMode):
     """Counts the bytes of live storages: those seeded plus those created while the mode is on.
 
     Args:
-        device_types: the devices whose tensors are counted (``("cpu",)`` for measuring; ``("meta",)``
-            for predicting a step from shapes alone, `predict_step_memory`).
+        device_types: the devices whose tensors are counted.
+        round_to: count each storage rounded up to a multiple of this many bytes (1: exact; 512: the CUDA
+            caching allocator's block size, used by `predict_step_memory` for a CUDA target).
     """
 
-    def __init__(self, device_types: tuple[str, ...] = ("cpu",)):
+    def __init__(self, device_types: tuple[str, ...] = ("cpu",), round_to: int = 1):
         super().__init__()
+        if round_to < 1:
+            raise ValueError(f"StorageTracker round_to must be >= 1, got {round_to}")
         self.device_types = frozenset(device_types)
+        self.round_to = round_to
         self.live: dict[int, tuple[int, weakref.ref]] = {}
         self.current = 0
         self.peak = 0
@@ -63,7 +67,7 @@ class StorageTracker(TorchDispatchMode):
             return
         s = t.untyped_storage()
         key = s._cdata
-        n = s.nbytes()
+        n = -(-s.nbytes() // self.round_to) * self.round_to
         entry = self.live.get(key)
         if entry is not None:
             if entry[0] == n:
