@@ -22,6 +22,7 @@ from .curves import (
     uncertainty_state,
 )
 from .doctor import Finding, diagnose
+from .logimport import LogImportError, import_log
 from .memory import (
     LeakDetector,
     MemoryCallback,
@@ -48,7 +49,7 @@ __all__ = [
     "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
     "random_selection", "selection_jaccard", "selection_onehot", "selection_stats", "uniform_fallback_selection",
     "RolloutExplorer", "rollout_explorer", "default_callbacks",
-    "doctor", "verdicts", "Finding", "diagnose", "RunLog", "RunLogError", "load_run", "read_metrics",
+    "doctor", "verdicts", "Finding", "diagnose", "import_log", "LogImportError", "RunLog", "RunLogError", "load_run", "read_metrics",
     "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
     "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",

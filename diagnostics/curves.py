@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from dcal.schedule import LR_RULES, global_batch_size, lr_for_rule
 
 from .runlog import RunLog, as_frames
+from .stats import BRANCHES, finite, has_values
 
 __all__ = [
     "BRANCHES", "plot_curves", "plot_uncertainty", "uncertainty_state", "uncertainty_reading",
@@ -28,7 +29,6 @@ __all__ = [
     "CHANCE_W_TOLERANCE", "CHANCE_LOSS_FRACTION",
 ]
 
-BRANCHES = ("sa", "glca", "pwca")
 _BRANCH_LABEL = {"sa": "SA", "glca": "GLCA", "pwca": "PWCA", "fused": "fused"}
 _PALETTE = dict(zip(BRANCHES + ("fused", "total"), sns.color_palette("deep", 5), strict=True))
 
@@ -57,20 +57,13 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> Non
         raise ValueError(f"{what}: missing column(s) {missing}; available: {sorted(map(str, df.columns))}")
 
 
-def _has_values(df: pd.DataFrame, col: str) -> bool:
-    return col in df.columns and pd.api.types.is_numeric_dtype(df[col]) and bool(np.isfinite(df[col]).any())
-
-
-def _finite(s: pd.Series) -> pd.Series:
-    return s[np.isfinite(s)]
-
-
 def _auto_window(n: int) -> int:
     """Rolling-mean window for per-step series: about 1/50 of the run, at least 1."""
     return max(1, n // 50)
 
 
 def _smooth(s: pd.Series, window: int) -> pd.Series:
+    s = pd.to_numeric(s, errors="coerce").astype(float)  # as `has_values` reads a column: unparseable → NaN
     s = s.where(np.isfinite(s))  # ±inf would poison every window it falls in
     return s if window <= 1 else s.rolling(window, min_periods=1).mean()
 
@@ -105,8 +98,8 @@ def _resolve_metrics(steps: pd.DataFrame, evals: pd.DataFrame, metrics) -> tuple
     """Split requested metric names into step and eval columns. ``eval/NAME`` or ``step/NAME`` forces the
     source; a bare name is looked up in the step records first (loss_sa lives in both)."""
     if metrics is None:
-        return ([c for c in DEFAULT_LOSSES if _has_values(steps, c)],
-                [c for c in DEFAULT_ACCURACIES if _has_values(evals, c)])
+        return ([c for c in DEFAULT_LOSSES if has_values(steps, c)],
+                [c for c in DEFAULT_ACCURACIES if has_values(evals, c)])
     if isinstance(metrics, str):
         metrics = [metrics]
     step_cols, eval_cols, missing = [], [], []
@@ -202,17 +195,17 @@ def uncertainty_state(log_or_df, num_classes: int | None = None, tail: float = 0
     """
     steps, _ = as_frames(log_or_df)
     C = _num_classes(log_or_df, num_classes)
-    branches = [b for b in BRANCHES if _has_values(steps, f"w_{b}")]
+    branches = [b for b in BRANCHES if has_values(steps, f"w_{b}")]
     if not branches:
         return None
     state: dict = {"branches": {}, "num_classes": C}
     for b in branches:
-        w_all = _finite(steps[f"w_{b}"])
+        w_all = finite(steps[f"w_{b}"])
         k = max(min(5, len(w_all)), int(len(w_all) * tail))  # the last `tail` of the logged values
         w = float(w_all.iloc[-k:].mean())
         loss = None
-        if _has_values(steps, f"loss_{b}"):
-            l_all = _finite(steps[f"loss_{b}"])
+        if has_values(steps, f"loss_{b}"):
+            l_all = finite(steps[f"loss_{b}"])
             loss = float(l_all.iloc[-max(min(5, len(l_all)), int(len(l_all) * tail)):].mean())
         state["branches"][b] = {
             "w": w, "effective_weight": 0.5 * math.exp(min(-w, 700.0)), "loss": loss,
@@ -274,7 +267,7 @@ def plot_uncertainty(log, *, num_classes: int | None = None, smooth: int | None 
     C = _num_classes(log, num_classes)
     _require_rows(steps, "plot_uncertainty (step records)")
     _require_columns(steps, ["step"], "plot_uncertainty")
-    branches = [b for b in BRANCHES if _has_values(steps, f"w_{b}")]
+    branches = [b for b in BRANCHES if has_values(steps, f"w_{b}")]
     if not branches:
         raise ValueError("plot_uncertainty: no w_sa/w_glca/w_pwca values in the step records; columns: "
                          f"{sorted(map(str, steps.columns))}")
@@ -286,7 +279,7 @@ def plot_uncertainty(log, *, num_classes: int | None = None, smooth: int | None 
         w = steps[f"w_{b}"].to_numpy(dtype=float)
         sns.lineplot(x=x, y=w, ax=ax_w, color=color, label=f"w {name}", estimator=None, errorbar=None)
         sns.lineplot(x=x, y=0.5 * np.exp(-w), ax=ax_e, color=color, label=name, estimator=None, errorbar=None)
-        if _has_values(steps, f"loss_{b}"):
+        if has_values(steps, f"loss_{b}"):
             loss = _smooth(steps[f"loss_{b}"], window)
             sns.lineplot(x=x, y=loss.to_numpy(), ax=ax_l, color=color, label=name, estimator=None, errorbar=None)
             log_loss = np.log(loss.where(loss > 0)).to_numpy()

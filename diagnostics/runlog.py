@@ -1,7 +1,9 @@
 """Reading a run folder: `metrics.jsonl` (step and eval records) and, when present, `config.yaml`.
 
 The trainer writes one JSON object per line: ``{"kind": "step", ...}`` per optimiser step and
-``{"kind": "eval", ...}`` per evaluation. A field that does not apply is ``null`` (NaN in a float column);
+``{"kind": "eval", ...}`` per evaluation, and a run that ends (completed or crashed) a last
+``{"kind": "end", "status": "completed"|"crashed", "step", "epoch", "exception": null|{"type", "message",
+"where"}}`` (read into `RunLog.end`). A field that does not apply is ``null`` (NaN in a float column);
 extra fields are kept; records of another kind are ignored. A killed run may leave its last line cut
 short: that line is dropped with a warning. A malformed line anywhere else is an error naming the file and
 the line, since everything after it would be read out of context.
@@ -18,11 +20,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-__all__ = ["RunLog", "RunLogError", "RunLogWarning", "load_run", "read_metrics", "frames_from_records",
-           "as_frames", "METRICS_FILE", "CONFIG_FILE"]
+__all__ = ["RunLog", "RunEnd", "LogSource", "RunLogError", "RunLogWarning", "load_run", "read_metrics",
+           "frames_from_records", "as_frames", "run_end_from_record", "METRICS_FILE", "CONFIG_FILE", "END_STATUSES"]
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+END_STATUSES = ("completed", "crashed")
 
 
 class RunLogError(ValueError):
@@ -34,15 +37,69 @@ class RunLogWarning(UserWarning):
 
 
 @dataclass
+class RunEnd:
+    """How a run ended: ``status`` "completed" or "crashed", the last ``step``/``epoch`` it reached, and the
+    ``exception`` (``{"type", "message", "where"}``, None when it completed). ``line`` is the log line the
+    exception was read from (text logs); ``context`` what the log said just before it (e.g. the last
+    progress bar ``{"progress": [0, 1498]}``, ``"after_eval": True``) and, for a traceback, its frames."""
+
+    status: str
+    step: int | None = None
+    epoch: int | None = None
+    exception: dict | None = None
+    line: int | None = None
+    context: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in END_STATUSES:
+            raise ValueError(f"RunEnd.status must be one of {END_STATUSES}, got {self.status!r}")
+        if self.exception is not None:
+            missing = {"type", "message"} - set(self.exception)
+            if missing:
+                raise ValueError(f"RunEnd.exception needs the fields type and message; missing {sorted(missing)}")
+
+
+@dataclass
+class LogSource:
+    """How a log that is not a run folder was read (`diagnostics.import_log`): the ``format``, the number
+    of ``lines`` (or rows/events), which labels became which canonical names (``recognised``), the labels
+    left out (``unrecognised``: label → first line), what could not be read (``problems``: (line, why)),
+    every normalisation applied (``notes``, e.g. accuracies on a 0–100 scale divided by 100) and the run
+    settings the log states (``settings``: batch size, accumulation steps, ...)."""
+
+    format: str
+    path: Path
+    lines: int = 0
+    recognised: dict = field(default_factory=dict)
+    unrecognised: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
 class RunLog:
     """One run: its step and eval records, its resolved config (None without config.yaml), and what the
-    reader had to skip (`warnings`)."""
+    reader had to skip (`warnings`).
+
+    ``end`` is how the run ended (None when the log does not say); ``source`` how an imported log was read
+    (None for a run folder); ``step_unit`` is "step" when ``step`` counts optimiser steps, "epoch" when the
+    log has one record per epoch (then ``step`` is the epoch) and "record" when it has no index at all;
+    ``steps_per_epoch`` (with ``steps_per_epoch_source``, a sentence) says how many optimiser steps an epoch
+    holds when known; ``num_classes_given`` is a number of classes stated by the user (it wins).
+    """
 
     path: Path
     steps: pd.DataFrame
     evals: pd.DataFrame
     config: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    end: RunEnd | None = None
+    source: LogSource | None = None
+    step_unit: str = "step"
+    steps_per_epoch: float | None = None
+    steps_per_epoch_source: str | None = None
+    num_classes_given: int | None = None
 
     @property
     def name(self) -> str:
@@ -50,13 +107,19 @@ class RunLog:
 
     @property
     def num_classes(self) -> int | None:
-        """From the last eval record's ``num_classes``, else config ``derived.num_classes``."""
+        """The user's ``num_classes_given``, else the last eval record's ``num_classes``, else config
+        ``derived.num_classes``, else a number of classes the imported log states."""
+        if self.num_classes_given is not None:
+            return int(self.num_classes_given)
         if "num_classes" in self.evals:
             known = self.evals["num_classes"].dropna()
             if len(known):
                 return int(known.iloc[-1])
         value = config_get(self.config, "derived", "num_classes")
-        return int(value) if isinstance(value, numbers.Number) and value > 0 else None
+        if isinstance(value, numbers.Number) and value > 0:
+            return int(value)
+        stated = self.source.settings.get("num_classes") if self.source else None
+        return int(stated) if isinstance(stated, numbers.Number) and stated >= 2 else None
 
 
 def config_get(config: dict | None, *keys, default=None):
@@ -163,8 +226,36 @@ def _read_config(path: Path) -> dict | None:
     return cfg
 
 
+def run_end_from_record(record: dict, where: str) -> RunEnd:
+    """A `RunEnd` from an ``{"kind": "end", ...}`` record; `where` (file:line) names it in errors."""
+    status = record.get("status")
+    if status not in END_STATUSES:
+        raise RunLogError(f"{where}: end record status must be one of {END_STATUSES}, got {status!r}")
+    exc = record.get("exception")
+    if exc is not None and (not isinstance(exc, dict) or not {"type", "message"} <= set(exc)):
+        raise RunLogError(f"{where}: end record exception must be null or an object with type, message (and "
+                          f"where), got {exc!r}")
+    if status == "crashed" and exc is None:
+        raise RunLogError(f"{where}: end record says 'crashed' but holds no exception")
+    step, epoch = record.get("step"), record.get("epoch")
+    return RunEnd(status=status, step=step if _is_number(step) else None,
+                  epoch=epoch if _is_number(epoch) else None, exception=exc)
+
+
+def _run_end(records: list[dict], path: Path) -> RunEnd | None:
+    """The last end record (a resumed run appends after an earlier end; the last one is how it ended)."""
+    ends = [i for i, r in enumerate(records) if r.get("kind") == "end"]
+    if not ends:
+        return None
+    i = ends[-1]
+    if any(r.get("kind") in ("step", "eval") for r in records[i + 1:]):
+        return None  # the run was resumed after that end: it has not ended yet
+    return run_end_from_record(records[i], f"{path} (end record {len(ends)})")
+
+
 def load_run(run_dir: str | Path) -> RunLog:
-    """A `RunLog` from a run folder (or its metrics.jsonl): records, config (None when absent), warnings.
+    """A `RunLog` from a run folder (or its metrics.jsonl): records, config (None when absent), warnings,
+    and how the run ended (`RunLog.end`, from its end record; None when there is none).
 
     Raises `FileNotFoundError` when there is no metrics file, `RunLogError` when a file is malformed.
     """
@@ -172,7 +263,8 @@ def load_run(run_dir: str | Path) -> RunLog:
     records, notes = _parse_lines(metrics)
     steps, evals = frames_from_records(records)
     config = _read_config(metrics.parent / CONFIG_FILE)
-    return RunLog(path=metrics.parent, steps=steps, evals=evals, config=config, warnings=notes)
+    return RunLog(path=metrics.parent, steps=steps, evals=evals, config=config, warnings=notes,
+                  end=_run_end(records, metrics))
 
 
 def as_frames(data) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -4,7 +4,6 @@ browser or a kernel."""
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from .curves import DEFAULT_ACCURACIES, DEFAULT_LOSSES, plot_curves, plot_uncertainty
+from .figures import png_bytes
 from .runlog import METRICS_FILE, RunLog, RunLogError, load_run
 
 __all__ = ["RunExplorer", "run_explorer"]
@@ -113,10 +113,8 @@ class RunExplorer:
             self.figure, self.png = None, b""
             self._show({"text/plain": f"cannot draw {self.view.value} for {self.log.name}: {e}"})
             return None
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        self.figure, self.png = fig, buf.getvalue()
-        self._show({"image/png": base64.b64encode(self.png).decode("ascii"),
+        self.figure, self.png = fig, png_bytes(fig)
+        self._show({"image/png": base64.b64encode(self.png).decode("ascii"),  # the PNG rendered once, above
                     "text/plain": f"{self.view.value}: {self.log.name}"})
         return fig
 

@@ -1,0 +1,166 @@
+"""How the run ended: an exception (`crash`) or a CUDA out-of-memory error (`oom`), with the allocator's
+numbers and, when the model's shape is known, which attention map the failed request matches."""
+from __future__ import annotations
+
+from ..logimport import exception_kind, parse_oom
+from ..runlog import RunLog
+from .common import ModelShape
+from .findings import Finding
+
+__all__ = ["check_crash", "check_oom", "match_attention_maps", "OOM_ROUNDING_BYTES", "OOM_EDGE_FRACTION"]
+
+# The caching allocator rounds a large request up to a multiple of 2 MiB: a tensor matches a request when
+# it is within 2 MiB of it.
+OOM_ROUNDING_BYTES = 2 * 2**20
+# Allocated memory at ≥ 85 % of the GPU's capacity when a request fails: the step itself is at the edge of
+# the memory (a leak shows as growth over steps instead).
+OOM_EDGE_FRACTION = 0.85
+_COMPONENT = {"sa": "SA score map", "glca": "GLCA score map", "pwca": "PWCA score map (over 2N keys)",
+              "rollout_maps": "head-mean attention map kept for the rollout",
+              "seed_sa_image2": "score map of a second SA pass for image 2",
+              "seed_rollout_products": "rollout matrix product"}
+_DTYPE = {4: "fp32", 2: "fp16/bf16"}
+
+
+def _where(log: RunLog) -> str:
+    end = log.end
+    parts = []
+    if end.epoch is not None:
+        parts.append(f"epoch {end.epoch}")
+    if end.step is not None:
+        parts.append(f"step {end.step}")
+    prog = end.context.get("progress")
+    if prog:
+        parts.append(f"batch {prog[0]}/{prog[1]}")
+    text = ", ".join(parts) or "the end of the log"
+    if end.context.get("after_eval"):
+        text += " (the first step after an evaluation)" if prog and prog[0] == 0 else " (after an evaluation)"
+    return text
+
+
+def _code_where(log: RunLog) -> str:
+    exc, ctx = log.end.exception, log.end.context
+    where = ctx.get("user_where") or exc.get("where")
+    line = f" (log line {log.end.line})" if log.end.line else ""
+    return (f", raised in {where}" if where else "") + line
+
+
+def check_crash(log: RunLog, C) -> Finding | None:
+    end = log.end
+    if end is None or end.status != "crashed":
+        return None
+    exc = end.exception
+    kind = exception_kind(exc["type"], exc["message"])
+    if kind == "oom":
+        return None
+    what = "a non-finite value" if kind == "nonfinite" else "an exception"
+    message = exc["message"].splitlines()[0][:300] if exc["message"] else ""
+    return Finding("crash", "error",
+                   f"the run ended with {what} at {_where(log)}: {exc['type']}: {message}{_code_where(log)}",
+                   {"type": exc["type"], "message": exc["message"], "where": exc.get("where"), "kind": kind,
+                    "epoch": end.epoch, "step": end.step, "line": end.line,
+                    "user_where": end.context.get("user_where"), "progress": end.context.get("progress")})
+
+
+def _per_map_bytes(shape: ModelShape) -> list[dict]:
+    """Bytes of one layer's map of each component, fp32 and fp16, from `diagnostics.memory.attention_memory`."""
+    from ..memory import attention_memory
+    from ..memory.sources import MB  # the unit of the estimate's ``mb`` column
+
+    out = []
+    for dtype_bytes in (4, 2):
+        table = attention_memory(shape.backbone, shape.img_size, shape.batch_size, dtype_bytes=dtype_bytes)
+        dims = table.attrs
+        for comp, row in table.iterrows():
+            if comp not in _COMPONENT or not row["layers"]:
+                continue
+            nbytes = float(row["mb"]) * MB / float(row["layers"])
+            fp = "fp32" if "fp32" in str(row["map"]) else _DTYPE[dtype_bytes]
+            out.append({"component": comp, "dtype": fp, "bytes": nbytes, "map": str(row["map"]),
+                        "dims": {k: dims[k] for k in ("B", "H", "N", "k") if k in dims}})
+    unique = {(o["component"], o["dtype"]): o for o in out}
+    return list(unique.values())
+
+
+def _map_numbers(entry: dict) -> str:
+    """"B·H·N·2N" with the numbers: 4×12×785×1570."""
+    d = entry["dims"]
+    factors = {"B": d["B"], "H": d.get("H"), "N": d["N"], "2N": 2 * d["N"], "(1+k)": 1 + d.get("k", 0)}
+    shape = entry["map"].split(" ")[0]
+    try:
+        return "×".join(str(factors[t]) for t in shape.split("·"))
+    except KeyError:
+        return shape
+
+
+def match_attention_maps(requested: float, shape: ModelShape) -> list[dict]:
+    """The attention maps (component, dtype) whose one-layer size is within `OOM_ROUNDING_BYTES` of a
+    failed request of `requested` bytes."""
+    return [e for e in _per_map_bytes(shape) if abs(e["bytes"] - requested) <= OOM_ROUNDING_BYTES]
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
+
+
+def _match_text(oom: dict, shape: ModelShape | None) -> tuple[str, list]:
+    if "requested" not in oom:
+        return "", []
+    if shape is None:
+        return (" The model's shape is unknown: pass --backbone, --img-size and --batch-size (or diagnose a run "
+                "folder with its config) to compare the request with the attention-memory estimate."), []
+    matches = match_attention_maps(oom["requested"], shape)
+    model = f"{shape.backbone} at {shape.img_size} px, batch {shape.batch_size} ({shape.source})"
+    if not matches:
+        return (f" The request matches no single attention map of {model} (within "
+                f"{OOM_ROUNDING_BYTES / 2**20:.0f} MiB).", [])
+    texts = [f"one {m['dtype']} {_COMPONENT[m['component']]} ({m['map'].split(' ')[0]} = {_map_numbers(m)} × "
+             f"{4 if m['dtype'] == 'fp32' else 2} bytes = {_mib(m['bytes'])})" for m in matches]
+    return (f" The {oom['text']['requested']} request is the size of " + " or ".join(texts) + f" of {model}; the "
+            f"allocator rounds requests up to {OOM_ROUNDING_BYTES / 2**20:.0f} MiB."), matches
+
+
+def _reading(oom: dict) -> str:
+    notes = []
+    total, alloc = oom.get("total"), oom.get("allocated")
+    if total and alloc and alloc >= OOM_EDGE_FRACTION * total:
+        notes.append(f"{alloc / total:.0%} of the GPU was allocated to live tensors when the request came: "
+                     "the step itself is at the edge of the memory")
+    free_cache, req = oom.get("reserved_unallocated"), oom.get("requested")
+    if free_cache and req and free_cache >= req:
+        notes.append(f"the cache held {_mib(free_cache)} reserved but unallocated, {free_cache / req:.1f}× the "
+                     "request, in no block large enough (fragmentation; PYTORCH_CUDA_ALLOC_CONF="
+                     "expandable_segments:True addresses it, empty_cache() does not: the allocator already "
+                     "releases its cache before it raises)")
+    text = "; ".join(notes)
+    return f" {text[:1].upper()}{text[1:]}." if notes else ""
+
+
+def check_oom(log: RunLog, C, shape: ModelShape | None = None) -> Finding | None:
+    end = log.end
+    if end is None or end.status != "crashed":
+        return None
+    exc = end.exception
+    if exception_kind(exc["type"], exc["message"]) != "oom":
+        return None
+    oom = parse_oom(exc["message"])
+    t = oom["text"]
+    numbers = [f"tried to allocate {t['requested']}" if "requested" in t else "an allocation failed"]
+    if "total" in t:
+        numbers.append(f"on a {t['total']} GPU" + (f" ({t['free']} free)" if "free" in t else ""))
+    if "allocated" in t:
+        numbers.append(f"{t['allocated']} allocated by PyTorch")
+    if "reserved_unallocated" in t:
+        numbers.append(f"{t['reserved_unallocated']} reserved by PyTorch but unallocated")
+    after = ("; it came right after an evaluation: what the evaluation leaves allocated (kept attention maps, "
+             "outputs) adds to the training step's peak" if end.context.get("after_eval") else "")
+    match, matches = _match_text(oom, shape)
+    return Finding("oom", "error",
+                   f"CUDA out of memory at {_where(log)}{_code_where(log)}: " + ", ".join(numbers) + "."
+                   + _reading(oom) + match + after.replace("; it", " It", 1) + ("." if after else ""),
+                   {"type": exc["type"], "epoch": end.epoch, "step": end.step, "line": end.line,
+                    "progress": end.context.get("progress"), "after_eval": end.context.get("after_eval"),
+                    "where": exc.get("where"), "user_where": end.context.get("user_where"),
+                    "allocator_bytes": {k: v for k, v in oom.items() if k not in ("text", "device")},
+                    "allocator_text": t, "device": oom.get("device"),
+                    "model": None if shape is None else vars(shape), "matches": matches})

@@ -1,0 +1,262 @@
+"""Checks on what the run learned: branches at chance, the uncertainty weights (at chance, clamped),
+accuracy that collapses, the LR rule and the optimiser's weight decay."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from dcal.schedule import global_batch_size, lr_for_rule
+
+from ..curves import CHANCE_LOSS_FRACTION, CHANCE_W_TOLERANCE, uncertainty_state
+from ..runlog import RunLog, config_get
+from ..stats import BRANCHES, finite, has_values
+from .common import LABEL, acc_label, fmt, int_or_none, late_start, longest_streak
+from .findings import Finding
+
+__all__ = ["check_chance", "check_uncertainty_at_chance", "check_clamped", "check_collapse", "check_lr_rule",
+           "check_coupled_wd", "CHANCE_ACC_FACTOR", "COLLAPSE_FRACTION", "BOUND_ATOL", "PINNED_MIN_STEPS",
+           "PINNED_MIN_FRACTION", "FROZEN_MIN_STEPS", "FROZEN_MIN_FRACTION", "LR_RULE_RATIO",
+           "EQUILIBRIUM_W_TOLERANCE", "ACCURACY_COLUMNS"]
+
+# Accuracy at or under 1.5/C is chance: a small eval set puts a uniform guess anywhere in about 0.5–1.5/C.
+CHANCE_ACC_FACTOR = 1.5
+# Accuracy below half of its best, to the end of the run, is a collapse (the seed's 15.38 % → 1.17 %) rather
+# than noise, which moves accuracy by a few points.
+COLLAPSE_FRACTION = 0.5
+# A w_i held at a clamp bound (within this) for at least max(5 steps, 5 % of the run) is pinned.
+BOUND_ATOL = 1e-6
+PINNED_MIN_STEPS, PINNED_MIN_FRACTION = 5, 0.05
+# Without the config: w exactly constant at a round value (a multiple of ½ other than the init 0) for at
+# least max(20 steps, 10 % of the run) — no optimiser leaves a parameter exactly still that long.
+FROZEN_MIN_STEPS, FROZEN_MIN_FRACTION = 20, 0.10
+# The reference LR is DeiT's 5e-4·global_batch/512; the paper's other reading (per-GPU batch on 4 GPUs)
+# is 4× that, so only a ratio beyond 4 (either way) is a different rule rather than a different reading.
+LR_RULE_RATIO = 4.0
+# w_i has reached its equilibrium log L_i when within 0.25 of it (e^0.25 = 1.28: the effective weight
+# within 28 % of 1/L_i). Only then does ½·e^(−w) read as ½/L_i, and ½/ln C as "at chance".
+EQUILIBRIUM_W_TOLERANCE = 0.25
+# The accuracies the collapse and chance checks read: this project's eval names, and an imported log's
+# validation accuracy.
+ACCURACY_COLUMNS = ("acc_fused", "acc_sa", "acc_glca", "val_acc")
+
+
+def check_chance(log: RunLog, C) -> Finding | None:
+    start = late_start(log)
+    if not C or start is None:
+        return None
+    lnC, acc_chance = math.log(C), CHANCE_ACC_FACTOR / C
+    losses, accs = {}, {}
+    if "step" in log.steps.columns:
+        late = log.steps[log.steps["step"] >= start]
+        for b in BRANCHES:
+            col = f"loss_{b}"
+            if has_values(late, col):
+                med = float(finite(late[col]).median())
+                if med >= CHANCE_LOSS_FRACTION * lnC:
+                    losses[b] = med
+    if "step" in log.evals.columns:
+        late = log.evals[log.evals["step"] >= start]
+        for col in ("acc_sa", "acc_glca", "acc_fused", "val_acc"):
+            if has_values(late, col):
+                best = float(finite(late[col]).max())
+                if best <= acc_chance:
+                    accs[col] = best
+    if not losses and not accs:
+        return None
+    parts = [f"{LABEL[b]} loss {fmt(v)} (median) ≥ {CHANCE_LOSS_FRACTION:g}·ln C = "
+             f"{fmt(CHANCE_LOSS_FRACTION * lnC)}" for b, v in losses.items()]
+    parts += [f"{acc_label(c)} accuracy at most {fmt(v)} ≤ {CHANCE_ACC_FACTOR:g}/C = {fmt(acc_chance)}"
+              for c, v in accs.items()]
+    unit = log.step_unit
+    return Finding("chance-level", "error",
+                   f"late in the run ({unit}s ≥ {start:.4g}), with C = {C} (ln C = {lnC:.2f}): " + "; ".join(parts)
+                   + ": these branches are not learning",
+                   {"num_classes": C, "ln_c": lnC, "window_start_step": start, "step_unit": unit,
+                    "loss_median": losses, "acc_max": {c.removeprefix("acc_"): v for c, v in accs.items()},
+                    "chance_accuracy_threshold": acc_chance})
+
+
+def at_equilibrium(st: dict) -> bool | None:
+    """Every w_i within EQUILIBRIUM_W_TOLERANCE of log L_i; None when a branch loss was not logged."""
+    gaps = [v["w"] - v["equilibrium_w"] if v["equilibrium_w"] is not None else None
+            for v in st["branches"].values()]
+    if any(g is None for g in gaps):
+        return None
+    return all(abs(g) <= EQUILIBRIUM_W_TOLERANCE for g in gaps)
+
+
+def check_uncertainty_at_chance(log: RunLog, C) -> Finding | None:
+    """½·e^(−w) ≈ ½/ln C read as "every branch at chance": only for weights at their equilibrium log L_i
+    (weights still on their way say how far they got, not what the losses are: `uncertainty-lag`)."""
+    st = uncertainty_state(log.steps, C) if C else None
+    if not st or not st["weights_at_chance"]:
+        return None
+    # w that never moved from an init that happens to equal log ln C (C ≈ 15 with init 0) says nothing.
+    if all(v["w_range"] < 0.05 for v in st["branches"].values()):
+        return None
+    if st["losses_at_chance"] is False or at_equilibrium(st) is False:
+        return None  # the weights lag behind the losses: the reading does not apply
+    weights = {b: v["effective_weight"] for b, v in st["branches"].items()}
+    evidence = {"num_classes": C, "chance_weight": st["chance_weight"], "chance_w": st["chance_w"],
+                "w": {b: v["w"] for b, v in st["branches"].items()}, "effective_weight": weights,
+                "loss": {b: v["loss"] for b, v in st["branches"].items()}, "tolerance_w": CHANCE_W_TOLERANCE,
+                "equilibrium_tolerance_w": EQUILIBRIUM_W_TOLERANCE}
+    ws = ", ".join(f"{LABEL[b]} {w:.3f}" for b, w in weights.items())
+    if st["losses_at_chance"]:
+        return Finding("uncertainty-at-chance", "error",
+                       f"effective weights ½·e^(−w) = {ws} ≈ ½/ln C = {st['chance_weight']:.3f} (C = {C}), and "
+                       f"every w_i is at its equilibrium log L_i (within {EQUILIBRIUM_W_TOLERANCE:g}): every branch "
+                       f"loss is ≈ ln C = {math.log(C):.2f}, every branch at chance. The weights are a symptom, not "
+                       "the cause; bounds or a new init will not fix it", evidence)
+    return Finding("uncertainty-at-chance", "warning",
+                   f"effective weights ½·e^(−w) = {ws} ≈ ½/ln C = {st['chance_weight']:.3f} (C = {C}): if the "
+                   "weights have reached their equilibrium log L_i, every branch is at chance (the branch losses "
+                   "were not logged: whether they have cannot be told)", evidence)
+
+
+def check_clamped(log: RunLog, C) -> Finding | None:
+    steps = log.steps
+    if steps.empty or "step" not in steps.columns:
+        return None
+    n = len(steps)
+    has_key = isinstance(config_get(log.config, "train"), dict) and "uncertainty_bounds" in log.config["train"]
+    bounds = config_get(log.config, "train", "uncertainty_bounds")
+    if has_key and bounds is None:
+        return None  # the config says there is no clamp
+    pinned = {}
+    for b in BRANCHES:
+        col = f"w_{b}"
+        if has_values(steps, col):
+            w = steps[col].to_numpy(dtype=float)
+            found = _pinned_at_bounds(w, bounds, n) if bounds is not None else _frozen(w, n)
+            if found:
+                i = found.pop("index")
+                pinned[b] = {**found, "from_step": int(steps["step"].iloc[i])}
+    if not pinned:
+        return None
+    st = uncertainty_state(steps, C) or {"branches": {}}
+    parts = []
+    for b, p in pinned.items():
+        eq = st["branches"].get(b, {}).get("equilibrium_w")
+        p["equilibrium_w"] = eq
+        where = (f"the {p['bound']} bound {fmt(p['value'])}" if p["bound"] != "inferred"
+                 else f"exactly {fmt(p['value'])} (a clamp bound, inferred: no config)")
+        parts.append(f"w_{b} sits at {where} for {p['streak_steps']} consecutive steps from step {p['from_step']} "
+                     f"({p['streak_steps'] / n:.0%} of the run)"
+                     + (f", its equilibrium log L_{b} = {eq:.2f}" if eq is not None else ""))
+    return Finding("uncertainty-clamped", "warning",
+                   "; ".join(parts) + ". A clamp holds w away from its optimum log L and zeroes its gradient",
+                   {"bounds": bounds, "pinned": pinned, "steps": n})
+
+
+def _pinned_at_bounds(w: np.ndarray, bounds, n: int) -> dict | None:
+    lo, hi = float(bounds[0]), float(bounds[1])
+    for name, at in (("lower", w <= lo + BOUND_ATOL), ("upper", w >= hi - BOUND_ATOL)):
+        length, i = longest_streak(at)
+        if length >= max(PINNED_MIN_STEPS, PINNED_MIN_FRACTION * n):
+            return {"bound": name, "value": lo if name == "lower" else hi, "streak_steps": length,
+                    "index": i, "steps_at_bound": int(at.sum())}
+    return None
+
+
+def _frozen(w: np.ndarray, n: int) -> dict | None:
+    same = np.zeros(n, dtype=bool)
+    same[1:] = np.abs(np.diff(w)) <= BOUND_ATOL
+    length, i = longest_streak(same)
+    i = max(0, i - 1)  # the streak starts at the value the next ones equal
+    v = w[i]
+    if (length + 1 >= max(FROZEN_MIN_STEPS, FROZEN_MIN_FRACTION * n) and abs(v) > BOUND_ATOL
+            and abs(2 * v - round(2 * v)) <= BOUND_ATOL):
+        return {"bound": "inferred", "value": float(round(2 * v) / 2), "streak_steps": length + 1,
+                "index": i, "steps_at_bound": length + 1}
+    return None
+
+
+def check_collapse(log: RunLog, C) -> Finding | None:
+    ev = log.evals
+    if ev.empty or "step" not in ev.columns:
+        return None
+    floor = CHANCE_ACC_FACTOR / C if C else 0.0
+    collapsed = {}
+    for col in ACCURACY_COLUMNS:
+        if not has_values(ev, col):
+            continue
+        s = ev.loc[np.isfinite(ev[col]), ["step", col]]
+        a = s[col].to_numpy()
+        i_best = int(np.argmax(a))
+        best = float(a[i_best])
+        if best <= floor:
+            continue  # never above chance: nothing to collapse from
+        below = a < COLLAPSE_FRACTION * best
+        tail = np.flatnonzero(~below)
+        j = int(tail[-1]) + 1 if len(tail) else 0  # first index of the final run of "below half"
+        if j < len(a) and j > i_best:
+            collapsed[col.removeprefix("acc_")] = {
+                "column": col, "best": best, "best_step": int(s["step"].iloc[i_best]), "final": float(a[-1]),
+                "collapse_step": int(s["step"].iloc[j]), "evals_below": int(len(a) - j)}
+    if not collapsed:
+        return None
+    unit = log.step_unit
+    parts = [f"{acc_label(c['column'])} accuracy fell from its best {c['best']:.2%} ({unit} {c['best_step']}) to "
+             f"{c['final']:.2%} at the end, below half of the best from {unit} {c['collapse_step']} on "
+             f"({c['evals_below']} evals)" for c in collapsed.values()]
+    return Finding("accuracy-collapse", "error", "; ".join(parts),
+                   {"branches": collapsed, "num_classes": C, "step_unit": unit})
+
+
+def check_lr_rule(log: RunLog, C) -> Finding | None:
+    cfg = log.config
+    if cfg is None:
+        return None
+    g = int_or_none(config_get(cfg, "derived", "global_batch"))
+    if g is None:
+        b = int_or_none(config_get(cfg, "train", "batch_size"))
+        if b is None:
+            return None
+        g = global_batch_size(b, int_or_none(config_get(cfg, "train", "grad_accum_steps")) or 1,
+                              int_or_none(config_get(cfg, "derived", "world_size")) or 1)
+    lr = config_get(cfg, "derived", "lr")
+    logged = float(finite(log.steps["lr"]).max()) if has_values(log.steps, "lr") else None
+    source = "config derived.lr"
+    if not isinstance(lr, numbers.Number):
+        lr, source = logged, "the step records' peak lr"
+    if lr is None or lr <= 0:
+        return None
+    ref = lr_for_rule("linear", batch_size=g)
+    ratio = lr / ref
+    if 1 / LR_RULE_RATIO <= ratio <= LR_RULE_RATIO * (1 + 1e-9):
+        return None
+    rule, base = config_get(cfg, "train", "lr_rule"), config_get(cfg, "train", "base_lr")
+    how = f"{ratio:.3g}× above" if ratio > 1 else f"{1 / ratio:.3g}× below"
+    settings = [f"global batch {g}"] + ([f"train.lr_rule = {rule!r}"] if rule else []) + (
+        [f"train.base_lr = {base:g}"] if isinstance(base, numbers.Number) and base != 5e-4 else [])
+    return Finding("lr-rule", "warning",
+                   f"peak LR {lr:.3g} ({source}) is {how} DeiT's linear rule 5e-4·global_batch/512 = {ref:.3g} "
+                   f"({', '.join(settings)}); the paper's two readings of its batch differ by {LR_RULE_RATIO:g}×, "
+                   "so this is another rule, not another reading",
+                   {"lr": lr, "lr_source": source, "reference_lr": ref, "ratio": ratio, "global_batch": g,
+                    "lr_rule": rule, "base_lr": base, "logged_peak_lr": logged})
+
+
+def check_coupled_wd(log: RunLog, C, collapsed: bool, rising: bool = False) -> Finding | None:
+    """Adam with coupled L2 weight decay (config train.optimizer 'adam_l2'); an error when the run shows
+    what that erosion looks like (an accuracy collapse, a training loss rising at a flat LR)."""
+    if config_get(log.config, "train", "optimizer") != "adam_l2":
+        return None
+    wd = config_get(log.config, "train", "weight_decay")
+    if isinstance(wd, numbers.Number) and wd <= 0:
+        return None
+    lr = config_get(log.config, "derived", "lr")
+    msg = (f"train.optimizer = 'adam_l2': Adam with coupled L2 weight decay {wd} adds wd·θ to the gradient, "
+           "which Adam normalises, so weights with small gradients shrink by about lr per step and a pretrained "
+           "backbone erodes; AdamW decouples the decay")
+    seen = [what for what, flag in (("the accuracy collapse", collapsed),
+                                     ("the training loss rising at a flat or falling LR", rising)) if flag]
+    if seen:
+        msg += f". {' and '.join(seen).capitalize()} in this run {'is' if len(seen) == 1 else 'are'} what that " \
+               "erosion looks like"
+    return Finding("coupled-weight-decay", "error" if seen else "warning", msg,
+                   {"optimizer": "adam_l2", "weight_decay": wd, "lr": lr, "accuracy_collapsed": collapsed,
+                    "loss_rising": rising})

@@ -1,0 +1,151 @@
+"""How a run ended, read from text: Python tracebacks, bare exception lines, and the numbers of a CUDA
+out-of-memory message (both of PyTorch's wordings: "Tried to allocate 226.00 MiB. GPU 0 has a total
+capacity of 15.89 GiB of which 225.12 MiB is free. ... 14.12 GiB is allocated by PyTorch, and 1.25 GiB is
+reserved by PyTorch but unallocated" and the older "(GPU 0; 15.78 GiB total capacity; 14.01 GiB already
+allocated; 19.69 MiB free; 14.29 GiB reserved in total by PyTorch)")."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["Traceback", "TracebackReader", "parse_oom", "exception_kind", "EXCEPTION_LINE", "UNITS"]
+
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = r"([\d.]+)\s*([KMGT]i?B|B)\b"
+# Each allocator number: its key and the wordings PyTorch has used for it.
+_OOM_FIELDS = {
+    "requested": (rf"Tried to allocate {_SIZE}",),
+    "total": (rf"total capacity of {_SIZE}", rf"{_SIZE} total capacity"),
+    "free": (rf"of which {_SIZE} is free", rf"{_SIZE} free"),
+    "allocated": (rf"{_SIZE} is allocated by PyTorch", rf"{_SIZE} already allocated"),
+    "reserved_unallocated": (rf"{_SIZE} is reserved by PyTorch but unallocated",),
+    "reserved": (rf"{_SIZE} reserved in total by PyTorch",),
+    "process_in_use": (rf"has {_SIZE} memory in use",),
+}
+_OOM_MARKERS = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
+_NONFINITE = re.compile(r"\b(?:nan|inf|infinity|non-?finite|not finite)\b", re.I)
+# "torch.OutOfMemoryError: CUDA out of memory. ..." / "ValueError: ..." / "KeyboardInterrupt"
+EXCEPTION_LINE = re.compile(
+    r"^(?P<type>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure|Warning))(?::\s?(?P<msg>.*))?$")
+_FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?$')
+_LIBRARY = re.compile(r"[/\\](?:site-packages|dist-packages|lib[/\\]python\d[\d.]*)[/\\]")
+# A traceback's message may continue over a few lines (torch's OOM message does not, some do).
+MAX_MESSAGE_LINES = 20
+
+
+@dataclass
+class Traceback:
+    """A traceback read from a log: where it starts (1-based line), its frames, the exception's type and
+    message, and the line of the exception."""
+
+    start: int
+    frames: list[dict] = field(default_factory=list)
+    type: str | None = None
+    message: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str | None:
+        """The last frame (where the exception was raised): ``file:line in func``."""
+        return _frame_text(self.frames[-1]) if self.frames else None
+
+    @property
+    def user_where(self) -> str | None:
+        """The last frame outside installed libraries (the user's own code), with its source line."""
+        mine = [f for f in self.frames if not _LIBRARY.search(f["file"])]
+        if not mine:
+            return None
+        f = mine[-1]
+        return _frame_text(f) + (f": {f['code']}" if f.get("code") else "")
+
+    def as_exception(self) -> dict:
+        return {"type": self.type, "message": self.message, "where": self.where}
+
+
+def _frame_text(f: dict) -> str:
+    return f"{f['file']}:{f['line']}" + (f" in {f['func']}" if f.get("func") else "")
+
+
+class TracebackReader:
+    """Feed lines one by one (`feed` returns True while the line belongs to a traceback); `tracebacks`
+    holds every complete one. Chained tracebacks ("During handling of the above exception ...") are read
+    as separate tracebacks; the last one is what ended the run."""
+
+    def __init__(self):
+        self.tracebacks: list[Traceback] = []
+        self._tb: Traceback | None = None
+        self._in_message = False
+
+    def feed(self, lineno: int, raw: str, stripped: str) -> bool:
+        """Args: lineno (1-based), raw (the line as written), stripped (with its log prefix removed)."""
+        if stripped.startswith("Traceback (most recent call last)"):
+            self._close()
+            self._tb = Traceback(start=lineno)
+            return True
+        tb = self._tb
+        if tb is None:
+            return False
+        if self._in_message:
+            if not raw.strip() or len(tb.message.splitlines()) >= MAX_MESSAGE_LINES:
+                self._close()
+                return False
+            tb.message += "\n" + raw.strip()
+            return True
+        m = _FRAME.match(raw)
+        if m:
+            tb.frames.append({"file": m["file"], "line": int(m["line"]), "func": (m["func"] or "").strip()})
+            return True
+        if raw[:1].isspace():  # the source line under a frame, or a caret line
+            code = raw.strip()
+            if tb.frames and code and not set(code) <= set("^~ ") and "code" not in tb.frames[-1]:
+                tb.frames[-1]["code"] = code
+            return True
+        m = EXCEPTION_LINE.match(stripped.strip()) or re.match(r"^(?P<type>[A-Za-z_][\w.]*):\s?(?P<msg>.*)$",
+                                                               stripped.strip())
+        if m:
+            tb.type, tb.message, tb.line = m["type"], (m["msg"] or "").strip(), lineno
+            self._in_message = True
+            return True
+        self._close()  # not a traceback line after all: the traceback was cut short
+        return False
+
+    def _close(self) -> None:
+        if self._tb is not None and self._tb.type is not None:
+            self.tracebacks.append(self._tb)
+        self._tb, self._in_message = None, False
+
+    def finish(self) -> list[Traceback]:
+        self._close()
+        return self.tracebacks
+
+
+def exception_kind(type_name: str | None, message: str) -> str:
+    """"oom" for an out-of-memory error, "nonfinite" for a NaN/Inf error, else "exception"."""
+    text = f"{type_name or ''}: {message}"
+    if _OOM_MARKERS.search(text):
+        return "oom"
+    if "NonFinite" in (type_name or "") or _NONFINITE.search(message):
+        return "nonfinite"
+    return "exception"
+
+
+def parse_oom(message: str) -> dict:
+    """The allocator numbers of an out-of-memory message, in bytes (keys: requested, total, free,
+    allocated, reserved_unallocated, reserved, process_in_use; each only when the message states it),
+    plus ``text`` (each number as written, e.g. ``"226.00 MiB"``) and ``device`` when named."""
+    out: dict = {"text": {}}
+    for key, patterns in _OOM_FIELDS.items():
+        for pattern in patterns:
+            m = re.search(pattern, message)
+            if m:
+                out[key] = float(m.group(1)) * UNITS[m.group(2).upper()]
+                out["text"][key] = f"{m.group(1)} {m.group(2)}"
+                break
+    if "reserved_unallocated" not in out and "reserved" in out and "allocated" in out:
+        out["reserved_unallocated"] = out["reserved"] - out["allocated"]
+        out["text"]["reserved_unallocated"] = f"{out['reserved_unallocated'] / 2**30:.2f} GiB (reserved − allocated)"
+    m = re.search(r"GPU (\d+)", message)
+    if m:
+        out["device"] = f"GPU {m.group(1)}"
+    return out

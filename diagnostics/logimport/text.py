@@ -1,0 +1,253 @@
+"""Reading a plain-text training log, whatever shape a hand-rolled trainer printed it in.
+
+Each line is cleaned (ANSI colours; for ``\\r``-updated progress bars, the last update), its prefix taken
+off (time stamps, elapsed times, ``INFO``/logger names), then read for:
+
+- epoch / step markers: ``Epoch 5/100``, ``EPOCH 5 SUMMARY``, ``[epoch 5]``, ``Train Epoch: 5``,
+  ``epoch=5``, ``Step 1200``; the metrics that follow belong to that epoch (and step);
+- metrics: ``name: value`` and ``name=value`` pairs, several per line (``|``, ``,``, `` - `` between
+  them), tqdm postfixes (``[.., L=7.98, lr=1e-4]``), and ``name value`` pairs where the name is a known
+  one (``loss 0.345 | lr 0.0001``); values with ``%`` are divided by 100, memory values with a unit are
+  converted to MB;
+- sections: a line that is only ``Validation:`` (or ``=== Test ===``) makes unprefixed names validation
+  ones until the next section or marker;
+- progress bars: their totals (batches per epoch) and the last position (where a crash happened);
+- run settings stated in the log (batch size, accumulation steps, number of classes, ...);
+- tracebacks and bare exception lines (`crash.py`): the last one, with no metric after it, is how the run
+  ended.
+
+A parenthesised remark after a value (``1.17% (Best: 15.38% @ epoch 5)``) is a remark, not a metric.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .aliases import SPLIT_WORDS, Label, normalise, resolve, resolve_index, resolve_setting
+from .crash import EXCEPTION_LINE, TracebackReader
+from .reading import Reading
+
+__all__ = ["read_text", "strip_prefix"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Line prefixes, taken off repeatedly: date-times, clock or elapsed times, "[12.3s]", log levels (and any
+# logger name before them), separators.
+_PREFIXES = [re.compile(p, re.I) for p in (
+    r"^\[?\d{4}[-/]\d{2}[-/]\d{2}(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?\]?",
+    r"^\[?\d{1,3}:\d{2}(?::\d{2})?(?:[.,]\d+)?\]?(?=\s|$|[\]|\-])",
+    r"^\[\s*\d+(?:\.\d+)?\s*(?:s|sec|secs|seconds|ms|min|m|h)\s*\]",
+    r"^\d+(?:\.\d+)?\s*(?:s|sec|secs)\s*(?=[|\-\]])",
+    r"^.{0,60}?\b(?:INFO|WARNING|WARN|DEBUG|ERROR|CRITICAL)\b\s*(?::[\w.]+)?\s*[:\-|\]]*",
+    r"^[\-|:>\]\s]+",
+)]
+_TQDM = re.compile(r"(?P<desc>.*?)(?::\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
+                   r"\s*(?:\[(?P<inner>[^\]]*)\])?")
+_MARKER = re.compile(r"(?<![\w@])(?P<kind>epoch|step|iter|iteration|global[ _]step)\b\s*[:=#]?\s*\[?\s*"
+                     r"(?P<n>\d+)(?:\s*(?:/|of)\s*(?P<total>\d+))?", re.I)
+_WORD = r"[A-Za-z_][\w.\-/@]*"
+_NAME = rf"(?P<name>{_WORD}(?:[ ](?:\([\w\s\-/]+\)|{_WORD})){{0,4}})"
+_NUM = r"(?P<value>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)\b)"
+_UNIT = r"(?:\s*(?P<unit>%|[KMGT]i?B\b))?"
+_END = r"(?=$|[\s,;|)\]}])"
+_PAIR = re.compile(rf"{_NAME}\s*[:=]\s*{_NUM}{_UNIT}{_END}", re.I)
+_SPACED = re.compile(rf"(?<![\w.])(?P<name>{_WORD}(?: {_WORD})?)\s+{_NUM}{_UNIT}{_END}", re.I)
+_BAD_VALUE = re.compile(rf"{_NAME}\s*[:=]\s*(?P<raw>[^\s,;|]+)")
+# "1.17% (Best: 15.38% @ epoch 5)": a parenthesised remark right after a value (not "w1 (SA): 0.1")
+_REMARK = re.compile(r"(?P<keep>[:=]\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*%?)\s*\([^()]*\)")
+_HEADER = re.compile(r"^[=\-#*\s]*(?P<name>[A-Za-z][\w \-/()]*?)\s*(?::\s*|[=\-#*\s]+)$")
+_MEM_UNITS = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3, "KIB": 1024 / 1e6, "MIB": 2**20 / 1e6,
+              "GIB": 2**30 / 1e6}
+
+
+def _clean(raw: str) -> str:
+    line = _ANSI.sub("", raw)
+    if "\r" in line:  # a progress bar rewritten in place: its last state
+        parts = [p for p in line.split("\r") if p.strip()]
+        line = parts[-1] if parts else ""
+    return line.rstrip()
+
+
+def strip_prefix(line: str) -> str:
+    """The line without its time stamps, log level and separators."""
+    prev = None
+    line = line.strip()
+    while prev != line:
+        prev = line
+        for p in _PREFIXES:
+            cut = p.sub("", line, count=1).lstrip()
+            if cut != line and cut:
+                line = cut
+    return line
+
+
+@dataclass
+class _State:
+    epoch: int | None = None
+    step: int | None = None
+    section: str | None = None
+    metrics_in_line: int = 0
+
+
+class _Reader:
+    def __init__(self, mapping: dict[str, str] | None):
+        self.mapping = mapping or {}
+        self.out = Reading()
+        self.state = _State()
+        self.tb = TracebackReader()
+        self.record_counter = 0
+        self.lineno = 0
+
+    # --- one line
+    def line(self, lineno: int, raw: str) -> None:
+        self.lineno = lineno
+        text = _clean(raw)
+        body = strip_prefix(text)
+        if self.tb.feed(lineno, text, body):
+            return
+        if not body or set(body) <= set("=-_*#~ "):
+            return
+        m = EXCEPTION_LINE.match(body)
+        if m and m["msg"] is not None and not m["type"].endswith("Warning"):
+            self.out.exception_lines.append((lineno, m["type"], m["msg"].strip()))
+            return
+        body = _REMARK.sub(r"\g<keep>", body)
+        found = self._progress(lineno, body)
+        if found is not None:
+            body = found
+        before = len(self._all_metrics())
+        self._markers(body)
+        if self._header(body):
+            return
+        self._metrics(lineno, body)
+        if len(self._all_metrics()) == before and not self._is_marker_only(body):
+            self.out.prose_lines += 1
+
+    def _all_metrics(self):
+        return [k for r in self.out.records.values() for k in r]
+
+    def _is_marker_only(self, body: str) -> bool:
+        return bool(_MARKER.search(body))
+
+    def _progress(self, lineno: int, body: str) -> str | None:
+        """A tqdm bar: note it, and return the text left to read (its description and postfix)."""
+        m = _TQDM.search(body)
+        if not m:
+            return None
+        desc = m["desc"] or ""
+        self._markers(desc)
+        kind = "eval" if any(w in SPLIT_WORDS and SPLIT_WORDS[w] == "val" for w in normalise(desc).split()) else "train"
+        self.out.progress.append({"line": lineno, "epoch": self.state.epoch, "n": int(m["n"]),
+                                  "total": int(m["total"]), "desc": desc.strip(), "kind": kind})
+        inner = m["inner"] or ""
+        postfix = inner.split(",", 2)[-1] if inner.count(",") >= 2 else ""  # after elapsed<eta, rate
+        return desc + " | " + postfix + " | " + body[m.end():]
+
+    def _markers(self, body: str) -> None:
+        for m in _MARKER.finditer(body):
+            n = int(m["n"])
+            self.out.markers.append((self.lineno, m["kind"].lower(), n))
+            if m["kind"].lower() == "epoch":
+                if n != self.state.epoch:
+                    self.state.section = None
+                self.state.epoch = n
+                self.out.has_epoch_markers = True
+            else:
+                self.state.step = n
+                self.out.has_step_markers = True
+
+    def _header(self, body: str) -> bool:
+        """A section header ("Validation:", "=== Test ==="): sets the split of the names under it."""
+        m = _HEADER.match(body)
+        if not m or _MARKER.search(body) or any(ch.isdigit() for ch in m["name"][-1:]):
+            return False
+        words = normalise(m["name"]).split()
+        if not words or len(words) > 6:
+            return False
+        splits = {SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS}
+        self.state.section = splits.pop() if len(splits) == 1 else None
+        return True
+
+    def _metrics(self, lineno: int, body: str) -> None:
+        taken: list[tuple[int, int]] = []
+        for m in _PAIR.finditer(body):
+            self._one(lineno, m["name"], m["value"], m["unit"], spaced=False)
+            taken.append(m.span())
+        for m in _SPACED.finditer(body):
+            if any(a <= m.start() < b for a, b in taken):
+                continue
+            self._one(lineno, m["name"], m["value"], m["unit"], spaced=True)
+        for m in _BAD_VALUE.finditer(body):
+            if any(a <= m.start() < b for a, b in taken) or _MARKER.match(m.group(0)):
+                continue
+            label = self._label(m["name"])
+            raw = m["raw"]
+            if label is not None and not re.match(_NUM, raw, re.I) and not raw.startswith("["):
+                self.out.problems.append((lineno, f"{m['name'].strip()!r} has the value {raw!r}, not a number"))
+
+    def _label(self, name: str) -> Label | None:
+        return resolve(name, self.state.section, self.mapping)
+
+    def _one(self, lineno: int, name: str, value: str, unit: str | None, spaced: bool) -> None:
+        name = name.strip()
+        if spaced and " " in name and self._label(name) is None:
+            name = name.split()[-1]  # "done loss 0.5": the known name is the last word
+        index = resolve_index(name)
+        if index is not None:
+            return  # epoch=5, step=1200: read by the markers
+        setting = resolve_setting(name)
+        label = self._label(name)
+        if setting is not None and label is None:
+            self.out.settings.setdefault(setting, (float(value), lineno))
+            return
+        if label is None:
+            if not spaced:
+                self.out.unrecognised.setdefault(name, lineno)
+            return
+        v = float(value)
+        if unit == "%":
+            v /= 100.0
+            self.out.percent_labels.add(name)
+        elif unit:
+            if not label.name.startswith("mem_"):
+                self.out.problems.append((lineno, f"{name!r} has a unit {unit!r}; only memory is read with units"))
+                return
+            v *= _MEM_UNITS[unit.upper()]
+        elif label.percent:
+            v /= 100.0
+            self.out.percent_labels.add(name)
+        v *= label.scale
+        self.out.recognised.setdefault(name, label.name)
+        self._store(lineno, label, v)
+
+    def _store(self, lineno: int, label: Label, value: float) -> None:
+        st = self.state
+        key = (label.eval, st.epoch, st.step)
+        if st.epoch is None and st.step is None:
+            # No index anywhere yet: a new record per line that holds metrics.
+            if st.metrics_in_line != lineno:
+                self.record_counter += 1
+                st.metrics_in_line = lineno
+            key = (label.eval, None, -self.record_counter)
+        self.out.records.setdefault(key, {})[label.name] = (value, lineno)
+        self.out.last_metric_line = lineno
+        if label.eval:
+            self.out.last_eval_line = lineno
+        else:
+            self.out.last_train_line = lineno
+
+    def finish(self) -> Reading:
+        self.out.tracebacks = self.tb.finish()
+        if any(math.isnan(v) for r in self.out.records.values() for v, _ in r.values()):
+            self.out.notes.append("some values are NaN (written 'nan' in the log)")
+        return self.out
+
+
+def read_text(text: str, mapping: dict[str, str] | None = None) -> Reading:
+    """Read a text log (see the module docstring). `mapping`: the user's names, canonical → label."""
+    reader = _Reader(mapping)
+    lines = text.splitlines()
+    reader.out.lines = len(lines)
+    for i, raw in enumerate(lines, start=1):
+        reader.line(i, raw)
+    return reader.finish()
