@@ -5,7 +5,9 @@
   dcal make-dataset --format cub --out DIR [--seed N] [--set synthetic.key=value ...]
   dcal pretrain [--out DIR]       the project's own small backbone (dcal/assets)
   dcal demo [--out DIR]           fine-tune the demo preset, print the numbers, write the doctor's report
-  dcal doctor RUN_DIR [--json] [--html FILE]
+  dcal doctor PATH [--format auto|run|jsonl|csv|tensorboard|text] [--num-classes C]
+              [--map CANONICAL=NAME ...] [--steps-per-epoch N] [--backbone B --img-size N --batch-size N]
+              [--json] [--html FILE]   a run folder or any training log (text, CSV, JSON lines, TensorBoard)
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal train ...`.
 """
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config field")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("doctor", help="diagnose a run folder", add_help=False)
+    p = sub.add_parser("doctor", help="diagnose a run folder or any training log", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_doctor)
 
