@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 # The whole suite: unit/invariant tests, then every notebook under nbval (outputs compared).
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q -p no:cacheprovider $(NBVAL) notebooks
 
@@ -29,8 +29,9 @@ notebooks: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
+LINT_PATHS := dcal diagnostics tests benchmarks tools notebooks/*.py
 lint: $(STAMP)
-	$(PY) -m ruff check dcal diagnostics tests benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --quick

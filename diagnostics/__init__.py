@@ -42,8 +42,26 @@ from .selection import (
     selection_stats,
     uniform_fallback_selection,
 )
-from .widgets import RunExplorer, run_explorer
-from .widgets_rollout import RolloutExplorer, rollout_explorer
+from .watch import Watch, watch
+
+# The widgets import IPython and ipywidgets, which a training run never needs: they load on first use
+# (module __getattr__, PEP 562), so `import diagnostics` (done by every `dcal train`) stays light.
+_LAZY = {"RunExplorer": ".widgets", "run_explorer": ".widgets", "RolloutExplorer": ".widgets_rollout",
+         "rollout_explorer": ".widgets_rollout"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
@@ -55,6 +73,7 @@ __all__ = [
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
     "find_graph_holders", "oom_snapshot", "record_history",
     "NonFiniteCallback", "NonFiniteDetector", "NonFiniteError", "describe_tensor", "finite_checks",
+    "watch", "Watch",
 ]
 
 

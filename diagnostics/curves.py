@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from dcal.schedule import LR_RULES, global_batch_size, lr_for_rule
@@ -30,7 +29,16 @@ __all__ = [
 ]
 
 _BRANCH_LABEL = {"sa": "SA", "glca": "GLCA", "pwca": "PWCA", "fused": "fused"}
-_PALETTE = dict(zip(BRANCHES + ("fused", "total"), sns.color_palette("deep", 5), strict=True))
+# seaborn's "deep" palette, written out: seaborn is imported on first plot (`_sns`), not with the module.
+_PALETTE = dict(zip(BRANCHES + ("fused", "total"), ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"), strict=True))
+
+
+def _sns():
+    """seaborn, imported on first use: it imports ipywidgets (when installed), which `import diagnostics` must not."""
+    import seaborn
+
+    return seaborn
+
 
 DEFAULT_LOSSES = ("loss_sa", "loss_glca", "loss_pwca")
 DEFAULT_ACCURACIES = ("acc_sa", "acc_glca", "acc_fused")
@@ -168,7 +176,7 @@ def plot_curves(log, metrics: Sequence[str] | str | None = None, *, smooth: int 
             branch = [c.rpartition("_")[2] for c in cols]
             palette = ({c: _PALETTE[b] for c, b in zip(cols, branch)}  # a branch keeps its colour everywhere
                        if all(b in _PALETTE for b in branch) and len(set(branch)) == len(cols) else None)
-            sns.lineplot(data=data, x="step", y="value", hue="metric", palette=palette, ax=ax, estimator=None,
+            _sns().lineplot(data=data, x="step", y="value", hue="metric", palette=palette, ax=ax, estimator=None,
                          errorbar=None, marker="o" if source == "eval" else None, markersize=4)
             ax.legend(title=None, fontsize="small")
             if all(c.startswith("acc") for c in cols):
@@ -277,11 +285,11 @@ def plot_uncertainty(log, *, num_classes: int | None = None, smooth: int | None 
     for b in branches:
         color, name = _PALETTE[b], _BRANCH_LABEL[b]
         w = steps[f"w_{b}"].to_numpy(dtype=float)
-        sns.lineplot(x=x, y=w, ax=ax_w, color=color, label=f"w {name}", estimator=None, errorbar=None)
-        sns.lineplot(x=x, y=0.5 * np.exp(-w), ax=ax_e, color=color, label=name, estimator=None, errorbar=None)
+        _sns().lineplot(x=x, y=w, ax=ax_w, color=color, label=f"w {name}", estimator=None, errorbar=None)
+        _sns().lineplot(x=x, y=0.5 * np.exp(-w), ax=ax_e, color=color, label=name, estimator=None, errorbar=None)
         if has_values(steps, f"loss_{b}"):
             loss = _smooth(steps[f"loss_{b}"], window)
-            sns.lineplot(x=x, y=loss.to_numpy(), ax=ax_l, color=color, label=name, estimator=None, errorbar=None)
+            _sns().lineplot(x=x, y=loss.to_numpy(), ax=ax_l, color=color, label=name, estimator=None, errorbar=None)
             log_loss = np.log(loss.where(loss > 0)).to_numpy()
             ax_w.plot(x, log_loss, color=color, ls="--", lw=1, label=f"log L {name}")
     if C:
@@ -340,7 +348,7 @@ def plot_lr_schedule(lrs, *, steps: Sequence[int] | None = None, warmup_steps: i
         frames.append(pd.DataFrame({"step": x, "lr": y, "schedule": str(label)}))
     data = pd.concat(frames, ignore_index=True)
     fig, (ax,) = _figure(1, width=6.0)
-    sns.lineplot(data=data, x="step", y="lr", hue="schedule" if len(series) > 1 else None, ax=ax,
+    _sns().lineplot(data=data, x="step", y="lr", hue="schedule" if len(series) > 1 else None, ax=ax,
                  estimator=None, errorbar=None)
     if warmup_steps:
         ax.axvline(warmup_steps, color="grey", ls=":", lw=1)
@@ -383,7 +391,7 @@ def plot_lr_rules(table: pd.DataFrame, *, x: str = "batch_size") -> Figure:
     if not np.isfinite(table["lr"]).all() or (table["lr"] <= 0).any():
         raise ValueError("plot_lr_rules: every lr must be finite and positive (the axes are logarithmic)")
     fig, (ax,) = _figure(1, width=6.0)
-    sns.lineplot(data=table, x=x, y="lr", hue="rule", style="rule", markers=True, dashes=False, ax=ax,
+    _sns().lineplot(data=table, x=x, y="lr", hue="rule", style="rule", markers=True, dashes=False, ax=ax,
                  estimator=None, errorbar=None)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
