@@ -16,7 +16,7 @@ import dcal.data as D
 from dcal.data.glyphs import BENCHMARK_GLYPHS, INK_CELLS, _shifted, pretrain_glyphs
 from dcal.data.probes import baseline_accuracies
 from dcal.data.synthetic import cache_path
-from dcal.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, Resize, ToTensor
+from dcal.data.transforms import BoxAware, build_transforms, default_transform
 
 TINY = D.SyntheticSpec(num_classes=3, train_per_class=4, test_per_class=2)
 
@@ -164,7 +164,7 @@ def test_train_transform_moves_boxes_with_pixels(seed):
     img = np.zeros((64, 64, 3), np.uint8)
     img[10:30, 36:50] = 255  # box x0=36 y0=10 x1=50 y1=30
     torch.manual_seed(seed)
-    tf = Compose([ToTensor(), Resize(80), RandomCrop(64), RandomHorizontalFlip(0.5)])
+    tf = build_transforms(True, 80, 64, mean=(0, 0, 0), std=(1, 1, 1))
     out, b = tf(img, torch.tensor([[36.0, 10.0, 50.0, 30.0]]))
     ys, xs = torch.nonzero(out[0] > 0.5, as_tuple=True)
     found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
@@ -182,11 +182,37 @@ def test_transform_is_reproducible_from_torch_seed():
         torch.testing.assert_close(a, b)
 
 
+def test_train_transform_flips_and_crops_boxes_like_the_pixels_over_many_draws():
+    """Both flip outcomes and many crop offsets occur; the part box and a NaN (unknown) box stay consistent."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[8:24, 40:56] = 255  # x0=40 y0=8 x1=56 y1=24
+    tf = build_transforms(True, 72, 64, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    lefts = set()
+    for _ in range(40):
+        out, b = tf(img, torch.tensor([[40.0, 8.0, 56.0, 24.0], [float("nan")] * 4]))
+        ys, xs = torch.nonzero(out[0] > 0.5, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert (found - b[0]).abs().max() <= 1.0, (found, b)
+        assert torch.isnan(b[1]).all()
+        lefts.add(round(float(b[0, 0])))
+    assert min(lefts) < 32 < max(lefts)  # the box was mirrored to the left half in some draws
+
+
+def test_default_transform_is_a_float_tensor_and_leaves_boxes_alone():
+    img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out, b = default_transform()(img, boxes)
+    torch.testing.assert_close(out, torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+    assert isinstance(b, torch.Tensor) and type(b) is torch.Tensor and torch.equal(b, boxes)
+    assert isinstance(build_transforms(False, 32, 28), BoxAware)
+
+
 def test_crop_larger_than_resize_is_an_error():
     with pytest.raises(ValueError, match="crop_size"):
         D.build_transforms(True, 64, 72)
-    with pytest.raises(ValueError, match="larger than the image"):
-        CenterCrop(72)(np.zeros((64, 64, 3), np.uint8), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="expected an \\(H, W, 3\\) image array"):
+        build_transforms(False, 64, 64)(np.zeros((64, 64), np.uint8), torch.zeros(0, 4))
 
 
 # ------------------------------------------------------------------------------------------- CUB layout

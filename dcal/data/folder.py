@@ -1,9 +1,11 @@
-"""Generic FGVC image folders: ``root/train/<class>/*.jpg`` and ``root/test/<class>/*`` (or ``root/val``).
+"""Generic FGVC image folders: ``root/train/<class>/*.jpg`` and ``root/test/<class>/*`` (or ``root/val``),
+on torchvision's `DatasetFolder` (its scan, sorting and ``samples``/``targets``).
 
-Classes are the sorted union of the class folder names of both splits, so labels agree between the train
-and test datasets. No boxes are known: ``part_box`` is NaN and there are no distractor boxes (M = 0).
-Files with other extensions (e.g. ``.txt``, ``.DS_Store``) are ignored and counted in the log; an image
-file directly under the split folder (no class) is an error.
+Classes are the sorted union of the class folder names of both splits (hidden folders excluded), so labels
+agree between the train and test datasets. No boxes are known: ``part_box`` is NaN and there are no
+distractor boxes (M = 0). Files with other extensions (e.g. ``.txt``, ``.DS_Store``) are ignored and
+counted in the log; an image file directly under the split folder (no class) is an error, and so is an
+unreadable image (named), unless ``skip_bad_images``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+from torchvision.datasets import DatasetFolder
 
 from .cub import load_rgb
 from .errors import DatasetError
@@ -41,7 +43,11 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class ImageFolderFGVC(Dataset):
+def _load(path: str) -> Any:
+    return load_rgb(Path(path), path)
+
+
+class ImageFolderFGVC(DatasetFolder):
     """One split of an image-folder dataset, validated on construction.
 
     Args:
@@ -57,50 +63,54 @@ class ImageFolderFGVC(Dataset):
                  skip_bad_images: bool = False, logger: logging.Logger | None = None, check_images: str = "load"):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        log = logger or _default_logger
-        self.root, self.split = Path(root), split
-        if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: dataset root is not a directory")
-        split_dir = _split_dir(self.root, split, log)
-        other = [d for d in (self.root / s for s in ("train", "test", "val")) if d.is_dir()]
-        self.class_names = sorted({c for d in other for c in _class_dirs(d)})
+        self._log = logger or _default_logger
+        dataset_root = Path(root)
+        if not dataset_root.is_dir():
+            raise DatasetError(f"{dataset_root}: dataset root is not a directory")
+        split_dir = _split_dir(dataset_root, split, self._log)
+        splits = [d for d in (dataset_root / s for s in ("train", "test", "val")) if d.is_dir()]
+        self.class_names = sorted({c for d in splits for c in _class_dirs(d)})
         if not self.class_names:
-            raise DatasetError(f"{self.root}: no class folders under {[d.name for d in other]}")
-        label_of = {c: i for i, c in enumerate(self.class_names)}
-        self.num_classes = len(self.class_names)
-
+            raise DatasetError(f"{dataset_root}: no class folders under {[d.name for d in splits]}")
         stray = [p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         if stray:
             raise DatasetError(f"{stray[0]}: image file directly under {split_dir} (not in a class folder)")
-        self.paths: list[Path] = []
-        labels: list[int] = []
         self.skipped: list[tuple[str, str]] = []
-        ignored = 0
-        for cls in _class_dirs(split_dir):
-            for p in sorted((split_dir / cls).iterdir()):
-                if not (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-                    ignored += 1
-                    continue
-                reason = check_image(p, check_images)
-                if reason is not None:
-                    if not skip_bad_images:
-                        raise DatasetError(f"{p}: image file {reason}")
-                    log.warning("skipping %s: image file %s", p, reason)
-                    self.skipped.append((str(p), reason))
-                    continue
-                self.paths.append(p)
-                labels.append(label_of[cls])
-        if ignored:
-            log.info("%s: ignored %d non-image entries", split_dir, ignored)
-        if self.skipped:
-            log.warning("skipped %d unreadable images under %s", len(self.skipped), split_dir)
-        if not self.paths:
-            raise DatasetError(f"{split_dir}: no readable images")
-        self._labels = np.array(labels, np.int64)
+        self._ignored, self._skip, self._check = 0, skip_bad_images, check_images
+        super().__init__(split_dir, loader=_load, is_valid_file=self._usable, allow_empty=True)
+        self.root, self.split = dataset_root, split  # DatasetFolder keeps the split folder as its root
+        self._report(split_dir)
+        self.num_classes = len(self.class_names)
+        self.paths = [Path(p) for p, _ in self.samples]
+        self._labels = np.array(self.targets, np.int64)
         self.transform = transform if transform is not None else default_transform()
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        """The classes of both splits (torchvision would take this split's folders only)."""
+        return self.class_names, {c: i for i, c in enumerate(self.class_names)}
+
+    def _usable(self, path: str) -> bool:
+        """`DatasetFolder`'s file filter: other extensions are ignored; an unreadable image raises
+        DatasetError naming it (or is skipped and listed with ``skip_bad_images``)."""
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            self._ignored += 1
+            return False
+        reason = check_image(Path(path), self._check)
+        if reason is None:
+            return True
+        if not self._skip:
+            raise DatasetError(f"{path}: image file {reason}")
+        self._log.warning("skipping %s: image file %s", path, reason)
+        self.skipped.append((path, reason))
+        return False
+
+    def _report(self, split_dir: Path) -> None:
+        if self._ignored:
+            self._log.info("%s: ignored %d non-image entries", split_dir, self._ignored)
+        if self.skipped:
+            self._log.warning("skipped %d unreadable images under %s", len(self.skipped), split_dir)
+        if not self.samples:
+            raise DatasetError(f"{split_dir}: no readable images")
 
     @property
     def labels(self) -> np.ndarray:
@@ -108,6 +118,6 @@ class ImageFolderFGVC(Dataset):
         return self._labels
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        img = load_rgb(self.paths[i], str(self.paths[i]))
-        return build_sample(self.transform, img, int(self._labels[i]), np.full(4, np.nan, np.float32),
+        path, label = self.samples[i]
+        return build_sample(self.transform, self.loader(path), label, np.full(4, np.nan, np.float32),
                             np.zeros((0, 4), np.float32), i)
