@@ -73,12 +73,14 @@ _TILE_BYTES = 2 << 20
 _UNTILED_MAX_BYTES = 8 << 20
 
 
-def _tile_rows(q: Tensor) -> int:
-    """Query rows per tile: N (one pass) unless the scores on CPU exceed `_UNTILED_MAX_BYTES`."""
+def _tile_rows(q: Tensor, keys: int | None = None) -> int:
+    """Query rows per tile: N (one pass) unless the scores (N × `keys`, default N) on CPU exceed
+    `_UNTILED_MAX_BYTES`."""
     B, H, N, _ = q.shape
-    if q.device.type != "cpu" or 4 * B * H * N * N <= _UNTILED_MAX_BYTES:
+    keys = N if keys is None else keys
+    if q.device.type != "cpu" or 4 * B * H * N * keys <= _UNTILED_MAX_BYTES:
         return N
-    return max(1, min(N, _TILE_BYTES // (4 * B * H * N)))
+    return max(1, min(N, _TILE_BYTES // (4 * B * H * keys)))
 
 
 def _add_head_mean(a: Tensor, out: Tensor) -> None:
@@ -95,18 +97,19 @@ def _add_head_mean(a: Tensor, out: Tensor) -> None:
 
 @torch.no_grad()
 def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """Softmax attention weights averaged over heads, fp32, outside autocast: (B, N, N).
+    """Softmax attention weights averaged over heads, fp32, outside autocast: (B, Nq, Nk).
 
     Recomputes q·kᵀ without gradient so that the differentiable path can keep the fused SDPA kernel.
     """
     with torch.autocast(q.device.type, enabled=False):
         B, H, N, _ = q.shape
-        qs, kt = q.float() * scale, k.float().transpose(-2, -1)  # (B, H, N, hd), (B, H, hd, N)
-        rows = _tile_rows(q)
+        Nk = k.shape[2]
+        qs, kt = q.float() * scale, k.float().transpose(-2, -1)  # (B, H, N, hd), (B, H, hd, Nk)
+        rows = _tile_rows(q, Nk)
         if rows >= N:
             return (qs @ kt).softmax(dim=-1).mean(dim=1)
         kt = kt.contiguous()  # once, not once per tile
-        w = q.new_empty(B, N, N, dtype=torch.float32)
+        w = q.new_empty(B, N, Nk, dtype=torch.float32)
         for i in range(0, N, rows):
             _add_head_mean((qs[:, :, i:i + rows] @ kt).softmax(dim=-1), w[:, i:i + rows])  # tile (B, H, t, N)
         return w
@@ -161,12 +164,17 @@ def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True) -> tuple[Te
     return _mlp_residual(block, x), k, v, w
 
 
-def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor) -> Tensor:
+def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor,
+               need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """One PWCA block on the shared SA weights: queries of image 1 attend to [K1; K2], [V1; V2].
 
     Args:
         x: (B, N, C) PWCA hidden stream of image 1.
         k2, v2: (B, H, N, hd) keys/values of each row's paired image, from the SA pass at this block.
+        need_weights: also return the head-mean attention weights (B, N, 2N), fp32, no gradient.
+
+    Returns:
+        x (B, N, C), or (x, weights) with `need_weights`.
     """
     attn = block.attn
     y = block.norm1(x)
@@ -174,7 +182,8 @@ def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor) -> Tensor:
     k = torch.cat([k1, k2.to(k1.dtype)], dim=2)  # (B, H, 2N, hd)
     v = torch.cat([v1, v2.to(v1.dtype)], dim=2)  # (B, H, 2N, hd)
     x = x + block.drop_path1(block.ls1(attention_output(attn, _sdpa(attn, q, k, v), y)))
-    return _mlp_residual(block, x)
+    x = _mlp_residual(block, x)
+    return (x, head_mean_attention(q, k, attn.scale)) if need_weights else x
 
 
 def glca_block(block: nn.Module, x: Tensor, query_index: Tensor) -> Tensor:

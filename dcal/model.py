@@ -38,7 +38,9 @@ class DCALOutput:
 
     sa_logits (B, C); glca_logits (B, C) or None (GLCA off); pwca_logits (B, C) or None (eval or PWCA
     off); rollout (B, P): CLS row of the accumulated rollout over the P patch tokens (prefix columns
-    dropped, not renormalised); local_index (B, k): the GLCA-selected patches (0..P−1), best first.
+    dropped, not renormalised); local_index (B, k): the GLCA-selected patches (0..P−1), best first;
+    pwca_attention: only with ``forward(..., pwca_attention=True)``, per backbone block the PWCA attention
+    weights averaged over heads, (B, N, 2N) fp32 without gradient, keys ordered [image 1; image 2].
     """
 
     sa_logits: Tensor
@@ -46,6 +48,7 @@ class DCALOutput:
     pwca_logits: Tensor | None
     rollout: Tensor
     local_index: Tensor
+    pwca_attention: list[Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -216,11 +219,16 @@ class DCAL(nn.Module):
 
         return checkpoint(fn, h, use_reentrant=False)
 
-    def forward(self, x: Tensor, pair_index: Tensor | None = None) -> DCALOutput:
-        """Run SA (+ GLCA) (+ PWCA in training). `pair_index` (B,) overrides the random derangement."""
+    def forward(self, x: Tensor, pair_index: Tensor | None = None, *, pwca_attention: bool = False) -> DCALOutput:
+        """Run SA (+ GLCA) (+ PWCA in training). `pair_index` (B,) overrides the random derangement.
+
+        ``pwca_attention=True`` (for diagnostics, e.g. `diagnostics.pwca_distractor_mass`) runs the PWCA stream
+        also in eval mode or with ``pwca=False`` (it has no parameters) and returns its head-mean attention
+        weights per block in `DCALOutput.pwca_attention`; those blocks are not checkpointed.
+        """
         bb = self.backbone
         B = x.shape[0]
-        use_pwca = self.pwca_enabled and self.training
+        use_pwca = (self.pwca_enabled and self.training) or pwca_attention
         if use_pwca:
             pair_index = self._pairs(B, x.device, pair_index)
         blocks = list(bb.blocks)
@@ -230,6 +238,7 @@ class DCAL(nn.Module):
         h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))  # (B, N, C)
         h_pw = h
         weights: list[Tensor] = []
+        pwca_weights: list[Tensor] = []
         glca_input = None
         for i, blk in enumerate(blocks):
             need_w = i < rollout_depth
@@ -242,7 +251,11 @@ class DCAL(nn.Module):
                 k2, v2 = k[pair_index], v[pair_index]  # (B, H, N, hd): image 2's K/V from this SA pass
                 if self.pwca_detach_kv:
                     k2, v2 = k2.detach(), v2.detach()
-                h_pw = self._run(lambda t, k_, v_, b=blk: pwca_block(b, t, k_, v_), h_pw, k2, v2)
+                if pwca_attention:
+                    h_pw, w_pw = pwca_block(blk, h_pw, k2, v2, need_weights=True)  # w_pw (B, N, 2N)
+                    pwca_weights.append(w_pw)
+                else:
+                    h_pw = self._run(lambda t, k_, v_, b=blk: pwca_block(b, t, k_, v_), h_pw, k2, v2)
         if glca_input is None:
             glca_input = h
 
@@ -258,7 +271,8 @@ class DCAL(nn.Module):
             query_index = torch.cat([cls, local_index + self.num_prefix_tokens], dim=1)  # (B, 1+k)
             glca_logits = self.glca(glca_input, query_index)
         pwca_logits = bb.forward_head(bb.norm(h_pw)) if use_pwca else None
-        return DCALOutput(sa_logits, glca_logits, pwca_logits, rollout, local_index)
+        return DCALOutput(sa_logits, glca_logits, pwca_logits, rollout, local_index,
+                          pwca_weights if pwca_attention else None)
 
     def _pairs(self, B: int, device: torch.device, pair_index: Tensor | None) -> Tensor:
         if pair_index is None:

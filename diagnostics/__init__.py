@@ -6,11 +6,19 @@ plotting helpers are pure (data in, a matplotlib Figure out); nothing here chang
 from . import doctor, verdicts
 from .attention import (
     RolloutCallback,
+    dcal_rollout,
     plot_compare,
     plot_pwca_mass,
     plot_rollout,
     pwca_distractor_mass,
     rollout_heatmap,
+)
+from .capture import (
+    AttentionCapture,
+    AttentionCaptureError,
+    attention_rollout,
+    capture_attention,
+    vit_rollout,
 )
 from .curves import (
     lr_rule_table,
@@ -73,7 +81,8 @@ __all__ = [
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
     "find_graph_holders", "oom_snapshot", "record_history",
     "NonFiniteCallback", "NonFiniteDetector", "NonFiniteError", "describe_tensor", "finite_checks",
-    "watch", "Watch",
+    "watch", "Watch", "capture_attention", "AttentionCapture", "AttentionCaptureError", "attention_rollout",
+    "vit_rollout", "dcal_rollout",
 ]
 
 

@@ -3,9 +3,12 @@
 * `rollout_heatmap` turns a rollout (one score per patch, optionally behind prefix tokens) into a map
   upsampled to the image; `plot_rollout` / `plot_compare` draw it over the (un-normalised) images with the
   selected patches and the known part / distractor boxes.
-* `pwca_distractor_mass` re-runs the PWCA stream with `dcal.layers`' own functions and measures, per
-  block, how much of image 1's softmax attention goes to image 2's keys (0.5 exactly for a self-pair).
-* `RolloutCallback` writes the selection statistics into each eval record and saves a probe-batch figure.
+* `pwca_distractor_mass` asks the model for its PWCA attention (`DCAL.forward(..., pwca_attention=True)`)
+  and measures, per block, how much of image 1's softmax attention goes to image 2's keys (0.5 exactly for a
+  self-pair).
+* `RolloutCallback` writes the selection statistics into each eval record and saves a probe-batch figure;
+  the rollout comes from a ``rollout_fn(model, images)``: `dcal_rollout` for a `dcal.DCAL` (the default),
+  `diagnostics.vit_rollout` for a timm ViT, or the user's own.
 
 Plotting helpers are pure: arrays or tensors in, validated, a new `matplotlib.figure.Figure` out (not
 registered with pyplot, so nothing accumulates when a callback draws one per evaluation).
@@ -13,8 +16,9 @@ registered with pyplot, so nothing accumulates when a callback draws one per eva
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +29,10 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from dcal.callbacks import Callback
-from dcal.layers import pwca_block, qkv, sa_block
 from dcal.metrics import hits, patches_in_boxes
-from dcal.model import DCAL
+from dcal.model import DCAL, eval_mode, fused_probs
 
+from .figures import png_bytes
 from .selection import selection_stats
 
 __all__ = [
@@ -38,6 +42,9 @@ __all__ = [
     "pwca_distractor_mass",
     "plot_pwca_mass",
     "RolloutCallback",
+    "dcal_rollout",
+    "rollout_of",
+    "model_grid",
 ]
 
 SELECTED_COLOR = "cyan"
@@ -352,16 +359,16 @@ def plot_compare(
 def pwca_distractor_mass(model: DCAL, x: Tensor, pair_index: Tensor) -> dict[str, Tensor]:
     """Per PWCA block, the share of image 1's attention that falls on image 2's keys.
 
-    Re-runs the SA pass and the PWCA stream with `dcal.layers`' own functions (`sa_block`, `qkv`,
-    `pwca_block`) in eval mode (no dropout, no drop-path), fp32, without gradients; the model's training
-    flag is restored afterwards and no parameter is touched. At block l the PWCA softmax runs over
-    [K1; K2] (2N keys); the mass is the sum of its weights over the second half.
+    Asks the model: ``model(x, pair_index, pwca_attention=True)`` in eval mode (no dropout, no drop-path),
+    fp32, without gradients, returns the head-mean PWCA weights of every block, a softmax over [K1; K2]
+    (2N keys); the mass is the sum of a row over the second half. The training flag is restored afterwards
+    and no parameter is touched.
 
     Args:
-        model: a `dcal.DCAL` (PWCA need not be enabled: the stream is recomputed).
+        model: a `dcal.DCAL` (PWCA need not be enabled: the stream has no parameters).
         x: (B, C, H, W) images 1.
-        pair_index: (B,) long, image 2 of row b is ``x[pair_index[b]]``. ``arange(B)`` (self-pairs) gives
-            exactly 0.5 at every block.
+        pair_index: (B,) long, image 2 of row b is ``x[pair_index[b]]`` (the model checks it). ``arange(B)``
+            (self-pairs) gives exactly 0.5 at every block.
 
     Returns:
         ``{"all": (B, L), "cls": (B, L)}``: the mass averaged over heads and all query tokens, and over
@@ -371,37 +378,13 @@ def pwca_distractor_mass(model: DCAL, x: Tensor, pair_index: Tensor) -> dict[str
         raise TypeError(f"model must be a dcal.DCAL, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) Tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    B = x.shape[0]
-    if not isinstance(pair_index, Tensor) or pair_index.shape != (B,) or pair_index.dtype != torch.long:
-        raise ValueError(f"pair_index must be a LongTensor of shape ({B},) for x of batch {B}, got "
-                         f"{getattr(pair_index, 'dtype', type(pair_index).__name__)} "
-                         f"{tuple(getattr(pair_index, 'shape', ()))}")
-    if bool(((pair_index < 0) | (pair_index >= B)).any()):
-        raise ValueError(f"pair_index values must lie in 0..{B - 1}, got {pair_index.tolist()}")
-    bb = model.backbone
     dev = next(model.parameters()).device
-    x, pair_index = x.to(dev), pair_index.to(dev)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(dev.type, enabled=False):
-            h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x.float()))))  # (B, N, C)
-            h_pw = h
-            N = h.shape[1]
-            mass_all, mass_cls = [], []
-            for blk in bb.blocks:
-                h, k, v, _ = sa_block(blk, h, need_weights=False)  # k, v (B, H, N, hd)
-                k2, v2 = k[pair_index], v[pair_index]
-                q, k1, _ = qkv(blk.attn, blk.norm1(h_pw))  # (B, H, N, hd)
-                keys = torch.cat([k1, k2], dim=2)  # (B, H, 2N, hd): [K1; K2]
-                a = ((q * blk.attn.scale) @ keys.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, 2N)
-                m = a[..., N:].sum(dim=-1)  # (B, H, N) mass on image 2, per head and query
-                mass_all.append(m.mean(dim=(1, 2)))
-                mass_cls.append(m[:, :, 0].mean(dim=1))  # CLS is token 0 in timm ViTs
-                h_pw = pwca_block(blk, h_pw, k2, v2)
-    finally:
-        model.train(was_training)
-    return {"all": torch.stack(mass_all, dim=1).cpu(), "cls": torch.stack(mass_cls, dim=1).cpu()}
+    with eval_mode(model), torch.autocast(dev.type, enabled=False):
+        out = model(x.to(dev).float(), pair_index.to(dev) if isinstance(pair_index, Tensor) else pair_index,
+                    pwca_attention=True)
+    N = out.pwca_attention[0].shape[1]
+    m = torch.stack([w[..., N:].sum(dim=-1) for w in out.pwca_attention], dim=1)  # (B, L, N): mass per query
+    return {"all": m.mean(dim=-1).cpu(), "cls": m[..., 0].cpu()}  # CLS is token 0 in timm ViTs
 
 
 def plot_pwca_mass(mass, *, ax_title: str | None = None) -> Figure:
@@ -443,16 +426,68 @@ def plot_pwca_mass(mass, *, ax_title: str | None = None) -> Figure:
     return fig
 
 
+# --------------------------------------------------------------------------------------------- rollout_fn
+def _require_dcal(model: Any) -> None:
+    if not isinstance(model, DCAL):
+        raise TypeError(f"the default rollout_fn needs a dcal.DCAL, got {type(model).__name__}: pass "
+                        "rollout_fn=diagnostics.vit_rollout for a timm ViT, or your own rollout_fn(model, images)")
+
+
+def dcal_rollout(model: DCAL, images: Tensor) -> dict[str, Tensor]:
+    """The default ``rollout_fn``: a `dcal.DCAL`'s own rollout (B, P), its GLCA selection (B, k) and its fused
+    prediction (B,), in eval mode without gradients (the training flag restored)."""
+    _require_dcal(model)
+    dev = next(model.parameters()).device
+    with eval_mode(model), torch.no_grad():
+        out = model(images.to(dev))
+    return {"rollout": out.rollout.float().cpu(), "local_index": out.local_index.cpu(),
+            "pred": fused_probs(out.sa_logits, out.glca_logits).argmax(-1).cpu()}
+
+
+def model_grid(model: Any, grid_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """The patch grid (rows, cols): `grid_size` if given, else the model's (``grid_size`` of a `dcal.DCAL`,
+    ``patch_embed.grid_size`` of a timm ViT)."""
+    if grid_size is None:
+        grid_size = getattr(model, "grid_size", None) or getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid_size is None:
+        raise ValueError(f"{type(model).__name__} has no grid_size or patch_embed.grid_size: pass grid_size=(rows, cols)")
+    return _check_grid(grid_size)
+
+
+def rollout_of(rollout_fn: Callable, model: Any, images: Tensor, grid: tuple[int, int], k: int) -> dict[str, Tensor]:
+    """Call ``rollout_fn(model, images)`` and check what it returns: a (B, P) Tensor, or a mapping with
+    ``rollout`` (B, P) and optionally ``local_index`` (B, k) and ``pred`` (B,). Returns all three, the
+    selection defaulting to the top-k of the rollout, ``pred`` None when not given."""
+    res = rollout_fn(model, images)
+    if isinstance(res, Tensor):
+        res = {"rollout": res}
+    if not isinstance(res, Mapping) or not isinstance(res.get("rollout"), Tensor):
+        raise TypeError(f"rollout_fn must return a (B, P) Tensor or a mapping with a 'rollout' Tensor, got "
+                        f"{type(res).__name__}")
+    B, P = images.shape[0], grid[0] * grid[1]
+    r = res["rollout"].detach().float().cpu()
+    if tuple(r.shape) != (B, P):
+        raise ValueError(f"rollout_fn returned a rollout of shape {tuple(r.shape)}; expected ({B}, {P}) for {B} "
+                         f"images on a {grid[0]}×{grid[1]} grid (prefix tokens dropped)")
+    index = res.get("local_index")
+    index = r.topk(min(k, P), dim=1, sorted=True).indices if index is None else index.cpu()
+    pred = res.get("pred")
+    return {"rollout": r, "local_index": index, "pred": None if pred is None else pred.cpu()}
+
+
 # --------------------------------------------------------------------------------------------- callback
 class RolloutCallback(Callback):
     """Selection statistics in every eval record, and a probe-batch rollout figure per evaluation.
 
-    Reads ``trainer.eval_outputs`` (concatenated over the eval set): ``local_index`` (n, k) and
-    ``rollout`` (n, P) required; ``part_mask`` / ``distractor_mask`` (n, P) bool optional (computed from
-    ``part_box`` / ``distractor_boxes`` when only those are present; ignored, as by the trainer, unless
-    every image has at least one such patch). Writes ``part_hit`` (unless the
-    trainer set it), ``part_hit_chance``, ``distractor_hit``, ``selection_jaccard``, ``selection_static``
-    and ``rollout_figure`` into ``trainer.eval_record`` (fields already set to a non-null value are kept).
+    Statistics: from ``trainer.eval_outputs`` (concatenated over the eval set) when they hold
+    ``local_index`` (n, k) and ``rollout`` (n, P), as the trainer's evaluation of a `dcal.DCAL` does;
+    ``part_mask`` / ``distractor_mask`` (n, P) bool optional (computed from ``part_box`` /
+    ``distractor_boxes`` when only those are present; ignored, as by the trainer, unless every image has at
+    least one such patch). Without them, when a ``rollout_fn`` was given, from the probe images' rollout.
+    Writes ``part_hit`` (unless the trainer set it), ``part_hit_chance``, ``distractor_hit``,
+    ``selection_jaccard``, ``selection_static`` and ``rollout_figure`` into ``trainer.eval_record`` (fields
+    already set to a non-null value are kept). The figure shows ``rollout_fn``'s rollout and selection on
+    the probe images.
 
     Args:
         probe_batch: dict with ``image`` (n, C, H, W) and optionally ``part_box``, ``distractor_boxes``,
@@ -460,107 +495,140 @@ class RolloutCallback(Callback):
         every: save a figure every ``every`` evaluations (the statistics are written at every one).
         out_dir: folder for the figures; default ``<trainer.out_dir>/figures``.
         num_images: probe images drawn (the first ones of the eval set / probe batch).
+        rollout_fn: ``rollout_fn(model, images)`` → (B, P) patch scores, or a mapping with ``rollout`` and
+            optionally ``local_index`` and ``pred`` (see `rollout_of`); default `dcal_rollout` (a `dcal.DCAL`'s
+            own). `diagnostics.vit_rollout` serves a timm ViT.
+        grid_size: (rows, cols) of the patch grid; default the model's (`model_grid`).
+        ratio: the share of patches a selection keeps when ``rollout_fn`` gives none: k = max(1, floor(ratio·P));
+            default the model's ``glca_ratio``, else 0.1.
     """
 
     order = 10  # before the metrics logger, which runs last and writes the record
 
     def __init__(self, probe_batch: dict | None = None, every: int = 1, out_dir: str | Path | None = None,
-                 num_images: int = 8):
+                 num_images: int = 8, *, rollout_fn: Callable | None = None, grid_size: Sequence[int] | None = None,
+                 ratio: float | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"RolloutCallback: every must be a positive int, got {every!r}")
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"RolloutCallback: num_images must be a positive int, got {num_images!r}")
         if probe_batch is not None and "image" not in probe_batch:
             raise ValueError(f"RolloutCallback: probe_batch needs an 'image' entry, got keys {sorted(probe_batch)}")
+        if rollout_fn is not None and not callable(rollout_fn):
+            raise TypeError(f"RolloutCallback: rollout_fn must be callable, got {type(rollout_fn).__name__}")
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ValueError(f"RolloutCallback: ratio must be in (0, 1], got {ratio!r}")
         self.probe_batch = probe_batch
         self.every = every
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.num_images = num_images
+        self.rollout_fn = rollout_fn
+        self.grid_size = None if grid_size is None else _check_grid(grid_size)
+        self.ratio = ratio
         self._evals = 0
 
     def after_eval(self, trainer) -> None:
-        outs = getattr(trainer, "eval_outputs", None)
-        if not outs:
-            raise ValueError("RolloutCallback: trainer.eval_outputs is empty; the eval must collect "
-                             "'local_index' and 'rollout' for this callback")
-        missing = [k for k in ("local_index", "rollout") if outs.get(k) is None]
-        if missing:
-            raise ValueError(f"RolloutCallback: trainer.eval_outputs lacks {missing} (has {sorted(outs)})")
         model = trainer.model
-        P = model.num_patches
-        index, rollout = outs["local_index"], outs["rollout"]
-        if rollout.dim() != 2 or rollout.shape[1] != P or rollout.shape[0] != index.shape[0]:
-            raise ValueError(f"RolloutCallback: eval_outputs['rollout'] has shape {tuple(rollout.shape)}, expected "
-                             f"({index.shape[0]}, {P}) to match local_index {tuple(index.shape)} and the "
-                             f"model's {P} patches")
-        stats = selection_stats(index.cpu(), P, self._mask(outs, "part", model), self._mask(outs, "distractor", model))
+        if self.rollout_fn is None:
+            _require_dcal(model)
+        grid = model_grid(model, self.grid_size)
+        P = grid[0] * grid[1]
+        outs = getattr(trainer, "eval_outputs", None) or {}
+        probe = None
+        if self.rollout_fn is not None and (outs.get("local_index") is None or outs.get("rollout") is None):
+            probe = self._probe(trainer, grid)
+            src = {k: v for k, v in probe.items() if k not in ("image", "label", "pred")}
+        else:
+            src = self._eval_outputs(outs, P)
+        patch = self._patch_size(model, grid, src, outs)
+        stats = selection_stats(src["local_index"].cpu(), P, self._mask(src, "part", grid, patch),
+                                self._mask(src, "distractor", grid, patch))
         rec = trainer.eval_record
         for key in ("part_hit", "part_hit_chance", "distractor_hit", "selection_jaccard", "selection_static"):
             if rec.get(key) is None:
                 rec[key] = stats[key]
         self._evals += 1
         if (self._evals - 1) % self.every == 0:
-            rec["rollout_figure"] = str(self._save_figure(trainer))
+            rec["rollout_figure"] = str(self._save_figure(trainer, probe or self._probe(trainer, grid), grid))
 
     @staticmethod
-    def _mask(src: dict, which: str, model) -> Tensor | None:
+    def _eval_outputs(outs: dict, P: int) -> dict:
+        if not outs:
+            raise ValueError("RolloutCallback: trainer.eval_outputs is empty; the eval must collect "
+                             "'local_index' and 'rollout' for this callback (or give it a rollout_fn)")
+        missing = [k for k in ("local_index", "rollout") if outs.get(k) is None]
+        if missing:
+            raise ValueError(f"RolloutCallback: trainer.eval_outputs lacks {missing} (has {sorted(outs)})")
+        index, rollout = outs["local_index"], outs["rollout"]
+        if rollout.dim() != 2 or rollout.shape[1] != P or rollout.shape[0] != index.shape[0]:
+            raise ValueError(f"RolloutCallback: eval_outputs['rollout'] has shape {tuple(rollout.shape)}, expected "
+                             f"({index.shape[0]}, {P}) to match local_index {tuple(index.shape)} and the "
+                             f"model's {P} patches")
+        return outs
+
+    @staticmethod
+    def _patch_size(model, grid: tuple[int, int], src: dict, outs: dict) -> tuple[int, int] | None:
+        """Patch size in pixels (for boxes → patch masks): the model's, else the images' size over the grid."""
+        patch = getattr(model, "patch_size", None) or getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if patch is not None:
+            return tuple(int(v) for v in patch)
+        images = src.get("image", outs.get("image"))
+        if images is None:
+            return None
+        return _cell_size(tuple(images.shape[-2:]), grid)
+
+    @staticmethod
+    def _mask(src: dict, which: str, grid: tuple[int, int], patch) -> Tensor | None:
         """The (n, P) mask, or None when unknown or when some image has no such patch (as the trainer does:
         a hit-rate is reported only when every evaluated image has the part / a distractor)."""
         n = len(src["local_index"])
         mask = src.get(f"{which}_mask")
         if mask is None:
             boxes = src.get("part_box" if which == "part" else "distractor_boxes")
-            if boxes is None or len(boxes) != n:  # the trainer keeps boxes for the probe images only
+            if boxes is None or len(boxes) != n or patch is None:  # the trainer keeps boxes for the probe images only
                 return None
-            mask = patches_in_boxes(boxes.cpu(), model.grid_size, model.patch_size)
+            mask = patches_in_boxes(boxes.cpu(), grid, patch)
         mask = mask.cpu()
         return mask if mask.dim() == 2 and bool(mask.any(dim=1).all()) else None
 
-    def _probe(self, trainer) -> dict:
-        outs = trainer.eval_outputs
+    def _probe(self, trainer, grid: tuple[int, int]) -> dict:
+        """The probe images (and their boxes and labels) with ``rollout_fn``'s rollout, selection, prediction."""
+        outs = getattr(trainer, "eval_outputs", None) or {}
         src = outs if outs.get("image") is not None else self.probe_batch
         if src is None:
             raise ValueError("RolloutCallback: no probe images: trainer.eval_outputs has no 'image' and no "
                              "probe_batch was given")
         n = min(self.num_images, len(src["image"]))
-        return {k: src[k][:n] for k in ("image", "part_box", "distractor_boxes", "label") if src.get(k) is not None}
-
-    def _save_figure(self, trainer) -> Path:
+        probe = {k: src[k][:n] for k in ("image", "part_box", "distractor_boxes", "label") if src.get(k) is not None}
         model = trainer.model
-        probe = self._probe(trainer)
-        images = probe["image"]
-        dev = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(images.to(dev))
-        finally:
-            model.train(was_training)
-        prob = out.sa_logits.float().softmax(-1)
-        if out.glca_logits is not None:
-            prob = prob + out.glca_logits.float().softmax(-1)
-        pred = prob.argmax(-1).cpu()
-        index = out.local_index.cpu()
+        ratio = self.ratio or getattr(model, "glca_ratio", None) or 0.1
+        k = max(1, math.floor(ratio * grid[0] * grid[1]))
+        probe.update(rollout_of(self.rollout_fn or dcal_rollout, model, probe["image"], grid, k))
+        return probe
+
+    def _save_figure(self, trainer, probe: dict, grid: tuple[int, int]) -> Path:
+        model = trainer.model
+        images, index = probe["image"], probe["local_index"]
+        patch = self._patch_size(model, grid, probe, {})
         hit = None
-        if probe.get("part_box") is not None:
-            hit = hits(index, patches_in_boxes(probe["part_box"].cpu(), model.grid_size, model.patch_size))
+        if probe.get("part_box") is not None and patch is not None:
+            hit = hits(index, patches_in_boxes(probe["part_box"].cpu(), grid, patch))
         titles = []
         for i in range(len(images)):
-            t = f"#{i} pred {int(pred[i])}"
+            t = f"#{i}" if probe.get("pred") is None else f"#{i} pred {int(probe['pred'][i])}"
             if probe.get("label") is not None:
                 t += f" / y {int(probe['label'][i])}"
             if hit is not None:
                 t += " · hit" if bool(hit[i]) else " · miss"
             titles.append(t)
-        cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
-        fig = plot_rollout(images, out.rollout.cpu(), model.grid_size, local_index=index,
-                           part_boxes=probe.get("part_box"), distractor_boxes=probe.get("distractor_boxes"),
-                           titles=titles, mean=cfg.get("mean"), std=cfg.get("std"))
+        cfg = getattr(getattr(model, "backbone", model), "pretrained_cfg", None) or {}
+        fig = plot_rollout(images, probe["rollout"], grid, local_index=index, part_boxes=probe.get("part_box"),
+                           distractor_boxes=probe.get("distractor_boxes"), titles=titles, mean=cfg.get("mean"),
+                           std=cfg.get("std"))
         step = int(getattr(trainer, "step", 0) or 0)
-        fig.suptitle(f"rollout and GLCA selection, step {step}", fontsize=9)
+        fig.suptitle(f"rollout and selected patches, step {step}", fontsize=9)
         folder = self.out_dir if self.out_dir is not None else Path(trainer.out_dir) / "figures"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rollout_step{step:06d}.png"
-        fig.savefig(path, dpi=90)
+        path.write_bytes(png_bytes(fig, dpi=90))
         return path

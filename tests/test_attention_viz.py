@@ -324,3 +324,191 @@ def test_rollout_explorer_redraws_without_rerunning_the_model(model, images):
         for h in hooks:
             h.remove()
         plt.close("all")
+
+
+# ----------------------------------------------------------------------------------------- PWCA from the model
+def _pwca_mass_by_hand(model, x, pair):
+    """The old second copy of DCAL's forward (kept here as the reference the model's answer must match)."""
+    from dcal.layers import pwca_block, qkv, sa_block
+
+    bb = model.backbone
+    with dcal.eval_mode(model), torch.no_grad():
+        h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))  # (B, N, C)
+        h_pw, N, out = h, h.shape[1], []
+        for blk in bb.blocks:
+            h, k, v, _ = sa_block(blk, h, need_weights=False)
+            q, k1, _ = qkv(blk.attn, blk.norm1(h_pw))
+            a = ((q * blk.attn.scale) @ torch.cat([k1, k[pair]], 2).transpose(-2, -1)).softmax(-1)  # (B, H, N, 2N)
+            out.append(a[..., N:].sum(-1).mean(dim=(1, 2)))
+            h_pw = pwca_block(blk, h_pw, k[pair], v[pair])
+    return torch.stack(out, 1)
+
+
+def test_pwca_attention_is_a_return_option_of_the_model(model, images):
+    B = images.shape[0]
+    pair = dcal.derangement(B, torch.Generator().manual_seed(0))
+    with dcal.eval_mode(model), torch.no_grad():
+        plain = model(images)
+        out = model(images, pair, pwca_attention=True)
+    assert plain.pwca_attention is None and plain.pwca_logits is None
+    assert len(out.pwca_attention) == len(model.backbone.blocks)
+    N = model.num_patches + 1
+    for w in out.pwca_attention:
+        assert w.shape == (B, N, 2 * N) and not w.requires_grad
+        torch.testing.assert_close(w.sum(-1), torch.ones(B, N), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.sa_logits, plain.sa_logits)  # the option changes no other output
+    torch.testing.assert_close(pwca_distractor_mass(model, images, pair)["all"], _pwca_mass_by_hand(model, images, pair),
+                               atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- any ViT
+from diagnostics.capture import AttentionCaptureError, capture_attention, vit_rollout  # noqa: E402
+
+
+def timm_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=2, embed_dim=48,
+                             num_heads=3, num_classes=5).eval()
+
+
+def hook_total(m: torch.nn.Module) -> int:
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+
+def _softmax_from_qkv(vit, x):
+    """Reference maps, computed from each block's qkv output (timm's arithmetic, written out in the test)."""
+    maps = []
+
+    def grab(attn):
+        def hook(mod, args, out):
+            B, N, _ = out.shape
+            q, k, _ = out.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))  # (B, H, N, N)
+        return hook
+
+    hs = [blk.attn.qkv.register_forward_hook(grab(blk.attn)) for blk in vit.blocks]
+    with torch.no_grad():
+        vit(x)
+    for h in hs:
+        h.remove()
+    return maps
+
+
+def test_capture_reads_a_fused_timm_vit_and_changes_nothing(images):
+    vit = timm_vit()
+    assert all(blk.attn.fused_attn for blk in vit.blocks)  # the case vit-explain captures nothing from
+    x = images[:4]
+    with torch.no_grad():
+        fused_out = vit(x)
+    with capture_attention(vit, heads="all") as cap, torch.no_grad():
+        eager_out = vit(x)
+    assert all(blk.attn.fused_attn for blk in vit.blocks) and hook_total(vit) == 0  # restored
+    torch.testing.assert_close(eager_out, fused_out, atol=1e-5, rtol=1e-5)
+    ref = _softmax_from_qkv(vit, x)
+    assert list(cap.maps) == ["blocks.0.attn", "blocks.1.attn"]
+    for name, r in zip(cap.maps, ref):
+        (a,) = cap.maps[name]
+        assert a.shape == (4, 3, 17, 17)
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+    mean = capture_attention(vit)(x)  # callable form: one eval forward, head-mean maps
+    torch.testing.assert_close(mean["blocks.1.attn"][0], ref[1].mean(1), atol=1e-6, rtol=1e-5)
+
+
+def test_a_module_called_twice_is_keyed_by_call_order():
+    from timm.layers import Attention
+
+    class TwicePerBlock(torch.nn.Module):  # the seed's pattern: one attention module, two calls per forward
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(48, num_heads=3)
+
+        def forward(self, a, b):
+            return self.attn(a) + self.attn(b)
+
+    torch.manual_seed(0)
+    net = TwicePerBlock().eval()
+    a, b = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+    with capture_attention(net) as cap, torch.no_grad():
+        net(a, b)
+        net(b, a)  # a second forward: call order restarts, maps are concatenated along the batch
+    first, second = cap.maps["attn"]
+    assert first.shape == second.shape == (4, 5, 5)
+    torch.testing.assert_close(first[:2], second[2:])  # call 0 of forward 1 saw a, call 1 of forward 2 saw a
+    assert not torch.allclose(first[:2], second[:2])
+    only = capture_attention(net, select=1)
+    only(a, b)
+    torch.testing.assert_close(only.maps["attn"][0], second[:2])
+    with pytest.raises(AttentionCaptureError, match=r"one map per module.*'attn': 2.*select="):
+        cap.rollout()
+
+
+def test_capture_fails_loudly_naming_the_module(model, images):
+    with pytest.raises(AttentionCaptureError, match=r"recorded nothing from \['backbone.blocks.0.attn'.*DCALOutput.rollout"):
+        capture_attention(model)(images[:2])  # DCAL runs attention stage by stage: attn.forward never runs
+    vit = timm_vit()
+    with pytest.raises(AttentionCaptureError, match="no module name matches 'block.*.attn'"):
+        capture_attention(vit, "block.*.attn")
+    with pytest.raises(AttentionCaptureError, match=r"blocks.0.mlp \(Mlp\): no attention weights"):
+        capture_attention(vit, ["blocks.0.mlp"])
+
+    class Scores(torch.nn.Module):  # passes raw scores, not softmax weights, through attn_drop
+        def __init__(self):
+            super().__init__()
+            self.attn_drop = torch.nn.Dropout(0.0)
+
+        def forward(self, x):
+            return self.attn_drop(x @ x.transpose(-2, -1))
+
+    class Flat(Scores):  # passes a (B, N, N) map: no heads axis
+        def forward(self, x):
+            return self.attn_drop((x @ x.transpose(-2, -1)).softmax(-1).mean(1))
+
+    x = torch.randn(2, 3, 5, 4)
+    with pytest.raises(AttentionCaptureError, match=r"<model> \(call 0\): map \(2, 3, 5, 5\) is not softmax weights"):
+        capture_attention(Scores(), [""])(x)
+    with pytest.raises(AttentionCaptureError, match=r"expected softmax weights \(B, H, Nq, Nk\), got \(2, 5, 5\)"):
+        capture_attention(Flat(), [""])(x)
+    assert hook_total(vit) == 0
+
+
+def test_vit_rollout_is_the_rollout_of_the_captured_maps(images):
+    import diagnostics
+
+    vit = timm_vit()
+    r = vit_rollout(vit, images[:4])  # (B, P): CLS row, prefix dropped
+    ref = dcal.attention_rollout([m.mean(1) for m in _softmax_from_qkv(vit, images[:4])])
+    assert r.shape == (4, 16)
+    torch.testing.assert_close(r, ref[:, 1:], atol=1e-6, rtol=1e-5)
+    assert diagnostics.attention_rollout is dcal.attention_rollout  # exported, not written twice
+
+
+def test_rollout_callback_and_explorer_take_a_rollout_fn(images, tmp_path):
+    vit = timm_vit()
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(4, 1)
+    tr = SimpleNamespace(model=vit, eval_outputs={}, eval_record={"kind": "eval"}, out_dir=tmp_path, step=3,
+                         log=lambda msg: None)
+    RolloutCallback(probe_batch={"image": images[:4], "part_box": boxes}, rollout_fn=vit_rollout,
+                    ratio=0.25).after_eval(tr)
+    index = vit_rollout(vit, images[:4]).topk(4, dim=1).indices  # k = floor(0.25 · 16)
+    expect = selection_stats(index, 16, patches_in_boxes(boxes, (4, 4), (8, 8)))
+    assert tr.eval_record["part_hit"] == pytest.approx(expect["part_hit"])
+    assert tr.eval_record["selection_jaccard"] == pytest.approx(expect["selection_jaccard"])
+    assert (tmp_path / "figures" / "rollout_step000003.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(TypeError, match="pass rollout_fn=diagnostics.vit_rollout"):
+        RolloutCallback(probe_batch={"image": images[:4]}).after_eval(tr)  # the DCAL default on a timm ViT
+    with pytest.raises(ValueError, match=r"rollout of shape \(4, 17\); expected \(4, 16\)"):
+        RolloutCallback(probe_batch={"image": images[:4]}, rollout_fn=lambda m, x: torch.rand(4, 17)).after_eval(tr)
+
+    other = timm_vit()
+    torch.nn.init.normal_(other.blocks[0].attn.qkv.weight)
+    ex = rollout_explorer(vit, images[:4], boxes, baseline_model=other, rollout_fn=vit_rollout,
+                          labels=("ViT", "ViT, noisy qkv"), mean=MEAN, std=STD)
+    try:
+        assert ex.k == math.floor(0.1 * 16) and set(ex.rollouts) == {"ViT", "ViT, noisy qkv"}
+        ex.mode.value = "ViT, noisy qkv"
+        assert torch.equal(ex.selected, ex.rollouts["ViT, noisy qkv"][0].topk(ex.k).indices)
+        assert ex.png[:4] == b"\x89PNG"
+    finally:
+        plt.close("all")
