@@ -8,6 +8,8 @@
   dcal doctor PATH [--format auto|run|jsonl|csv|tensorboard|text] [--num-classes C]
               [--map CANONICAL=NAME ...] [--steps-per-epoch N] [--backbone B --img-size N --batch-size N]
               [--json] [--html FILE]   a run folder or any training log (text, CSV, JSON lines, TensorBoard)
+  dcal memory --preset NAME [--set key=value ...] [--precision fp32|fp16|bf16] [--gpu-memory GiB] [--json]
+              predict a training step's GPU memory from shapes (meta tensors): will it fit?
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal train ...`.
 """
@@ -123,6 +125,12 @@ def cmd_doctor(args) -> int:
     return doctor_main(args.rest)
 
 
+def cmd_memory(args) -> int:
+    from diagnostics.memory.cli import run as memory_run
+
+    return memory_run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="dcal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("doctor", help="diagnose a run folder or any training log", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_doctor)
+
+    p = sub.add_parser("memory", help="predict a training step's GPU memory from shapes (will it fit?)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the config's train.amp")
+    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="the GPU's memory: does it fit, largest batch")
+    p.add_argument("--num-classes", type=int, help="default: 200 for cub, the spec's for synthetic")
+    p.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_memory)
 
     args = parser.parse_args(argv)
     from .data.errors import DatasetError
