@@ -507,16 +507,14 @@ class FiniteGuard:
         overflow = (scaler_skipped is True and (not bad or grads_only)) or (
             scaler_skipped is None and self.scaler_skips and grads_only)
         if not overflow:
-            if not bad:
-                self.overflows_in_a_row = 0
-                return StepCheck([])
-            return StepCheck(bad, self._diagnose(step, bad, terms))
+            self.overflows_in_a_row = 0  # a step that is not an overflow ends the run of them
+            return StepCheck(bad, self._diagnose(step, bad, terms) if bad else None)
         self.overflows_in_a_row += 1
         if self.overflows_in_a_row < MAX_OVERFLOWS_IN_A_ROW:
             return StepCheck(bad, overflow=True)
-        scale = self.scaler.get_scale()
-        note = (f"{self.overflows_in_a_row} GradScaler overflows in a row (scale now {scale:.3g}): the gradients "
-                "are non-finite at any scale")
+        note = (f"{self.overflows_in_a_row} GradScaler overflows in a row (scale now "
+                f"{self.scaler.get_scale():.3g}): the gradients are non-finite at any scale")
+        self.overflows_in_a_row = 0  # reported once per run of them
         return StepCheck(bad, self._diagnose(step, bad or ["grad_norm"], terms, note=note, exempt_overflow=False))
 
     def locate(self, batch: Any, step: int | None = None, *, exempt_overflow: bool = True) -> NonFiniteError | None:

@@ -389,3 +389,72 @@ def test_locate_names_the_origin_when_the_model_raised_first():
         tr.train_step(0)
     e = cb.locate(tr, step=1)
     assert (e.module, e.phase, e.step) == ("backbone.blocks.0.mlp.fc2", "forward", 1)
+
+
+# ----------------------------------------------------------------------------- one hierarchy, and AMP
+def test_the_trainers_type_catches_the_detectors_error():
+    with pytest.raises(dcal.NonFiniteLossError):
+        raise NonFiniteError("a.b", "forward", 1, "d")
+    assert issubclass(NonFiniteError, FloatingPointError)
+
+
+def test_detector_with_a_scaler_keeps_backward_overflows_and_raises_on_forward():
+    from diagnostics.nonfinite import NonFiniteDetector
+
+    model = tiny_model()
+    mlp = model.backbone.blocks[0].mlp
+    mlp.fc2 = BadBackward(mlp.fc2)
+    mlp.fc2.armed = True
+    x, y = batch()
+    scaler = torch.amp.GradScaler("cpu")
+    with NonFiniteDetector(model, scaler=scaler) as det:  # scaled gradients: the scaler skips this step
+        dcal_loss(model(x), y).backward()
+    assert det.finding is None and det.overflow.module == "backbone.blocks.0.mlp.fc2"
+    mlp.fc2.armed = False
+    model.backbone.blocks[1].mlp.fc1 = Armed(model.backbone.blocks[1].mlp.fc1)
+    model.backbone.blocks[1].mlp.fc1.armed = True
+    with pytest.raises(NonFiniteError, match="blocks.1.mlp.fc1"), NonFiniteDetector(model, scaler=scaler):
+        model(x)  # a forward value is never scaled: a fault with or without a scaler
+    with pytest.raises(TypeError, match="GradScaler"):
+        NonFiniteDetector(model, scaler=object())
+
+
+def test_guard_counts_overflows_and_calls_a_long_run_of_them_a_fault():
+    from diagnostics.nonfinite import MAX_OVERFLOWS_IN_A_ROW, FiniteGuard
+
+    model = tiny_model()
+    guard = FiniteGuard(model, scaler=torch.amp.GradScaler("cpu"))
+    ok, inf = {"loss": torch.tensor(1.0)}, torch.tensor(float("inf"))
+    for i in range(MAX_OVERFLOWS_IN_A_ROW - 1):
+        guard.begin_step()
+        guard.add_micro(ok)
+        res = guard.check(i + 1, {"grad_norm": inf})
+        assert res.overflow and res.error is None
+    guard.begin_step()
+    guard.add_micro(ok)
+    res = guard.check(MAX_OVERFLOWS_IN_A_ROW, {"grad_norm": inf})
+    assert not res.overflow and res.error.module == "grad_norm" and "overflows in a row" in res.error.detail
+    guard.begin_step()
+    guard.add_micro({"loss": torch.tensor(float("nan"))})  # a non-finite loss is never an overflow
+    assert guard.check(1, {"grad_norm": inf}).error.module == "loss"
+    guard.begin_step()
+    guard.add_micro(ok)
+    assert guard.check(1, scaler_skipped=True).overflow  # the scaler skipped it, the loss was fine
+    guard.begin_step()
+    guard.add_micro(ok)
+    assert guard.check(1, {"grad_norm": inf}, scaler_skipped=False).error is not None  # the step ran anyway
+
+
+def test_callback_under_an_enabled_scaler_marks_an_overflow_as_skipped():
+    class ScaledTrainer(FakeTrainer):
+        scaler = torch.amp.GradScaler("cpu")
+
+    model = tiny_model()
+    cb = NonFiniteCallback("raise")
+    tr = ScaledTrainer(model, [cb])
+    tr.train_step(0)
+    mlp = model.backbone.blocks[0].mlp
+    mlp.fc2 = BadBackward(mlp.fc2)
+    mlp.fc2.armed = True  # the gradient overflows, the loss is finite: what the scaler skips
+    tr.train_step(1)
+    assert tr.record["skipped"] and tr.record["skip_reason"] == "amp-overflow" and not cb.findings
