@@ -132,13 +132,18 @@ def _largest_batch(cfg, num_classes: int, precision: str, gpu_bytes: int, first,
     slope = max(second.peak_bytes - first.peak_bytes, 1) / (b2 - b1)  # bytes per image of the training step
     budget = (gpu_bytes - CUDA_CONTEXT_BYTES) / (1 + FRAGMENTATION)
     lo = 2 if cfg.model.pwca else 1
-    b = max(lo, math.floor(b1 + (budget - first.peak_bytes) / slope))
+    leftover = first.train_after_eval_peak_bytes - first.peak_bytes  # what an evaluation leaves alive
+    b = max(lo, math.floor(b1 + (budget - first.peak_bytes - max(leftover, 0)) / slope))
     for _ in range(_MAX_BATCH_TRIES):
-        if fits_on_gpu(_worst(predict_config(cfg, num_classes, precision, batch_size=b, target=target)), gpu_bytes):
+        # The evaluation batch is max(b, 64): below 64 its peak is the one already predicted.
+        same_eval = max(b, EVAL_BATCH_MIN) == max(b1, EVAL_BATCH_MIN)
+        pred = predict_config(cfg, num_classes, precision, batch_size=b, target=target, evaluate=not same_eval)
+        worst = _worst(pred) if not same_eval else max(pred.peak_bytes + leftover, first.eval_peak_bytes)
+        if fits_on_gpu(worst, gpu_bytes):
             return b
         if b <= lo:
             return None
-        b = max(lo, math.floor(b * 0.9))
+        b = max(lo, min(b - 1, math.floor(b * 0.95)))
     return None
 
 

@@ -345,10 +345,11 @@ class _Step:
         if peak >= self.peaks.get(name, (-1, None))[0]:
             self.peaks[name] = (peak, snap)
 
-    def train(self, inputs: tuple) -> None:
+    def train(self, inputs: tuple, first: bool = False) -> None:
         self.model.train()
-        # With accumulation, micro-batch 2 onwards runs its forward with the gradients alive; later ones repeat it.
-        for _ in range(min(self.accum, 2)):
+        # With accumulation, micro-batch 2 onwards runs its forward with the gradients alive; later ones repeat
+        # it. The first step only has to create the optimiser state: one micro-batch (its peaks are lower).
+        for _ in range(1 if first else min(self.accum, 2)):
             with self.phase("forward"):
                 with _autocast(self.amp_dtype, self.device_type):
                     out = self.model(*inputs)
@@ -461,8 +462,8 @@ def _run(model, inputs, eval_inputs, loss_fn, optimizer, amp_dtype, grad_accum_s
         groups = {"parameters": _idents(tracker, params), "inputs": _idents(tracker, inputs)}
         step = _Step(model, loss_fn, opt, amp_dtype, grad_accum_steps, "cpu", tracker)
         with tracker:
-            for _ in range(2):
-                step.train(inputs)
+            step.train(inputs, first=True)
+            step.train(inputs)
             train, step.peaks = step.peaks, {}
             groups["optimizer_state"] = _idents(tracker, _optimizer_tensors(opt))
             if eval_inputs is not None:
