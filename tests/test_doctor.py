@@ -172,13 +172,26 @@ def test_chance_level_by_accuracy_alone(tmp_path):
     assert f.severity == "error" and "GLCA accuracy" in f.message and "glca" in f.evidence["acc_max"]
 
 
-def test_uncertainty_at_chance_reproduces_the_seed_reading(tmp_path):
-    # C = 200 and losses a little above ln 200 = 5.3: effective weights ≈ 0.08, the seed's "too similar".
+def test_uncertainty_at_chance_at_equilibrium(tmp_path):
+    # C = 200, losses a little above ln 200 = 5.3 and every w_i at its equilibrium log L_i: effective
+    # weights ≈ 0.08 read as "every branch at chance".
     recs = at_chance_records(num_classes=200, excess=1.15)
     f = next(f for f in diagnose(write_run(tmp_path / "seed", recs)) if f.code == "uncertainty-at-chance")
     assert f.severity == "error"
     assert all(0.075 < v < 0.09 for v in f.evidence["effective_weight"].values())
     assert "every branch at chance" in f.message and "0.094" in f.message
+
+
+def test_weights_far_from_equilibrium_are_not_read_as_chance(tmp_path):
+    """The seed's case: w ≈ 0.08 raw, losses ≈ ln C, so log L ≈ 1.65: the weights have not arrived, and
+    ½·e^(−w) says how far they got, not what the losses are."""
+    recs = at_chance_records(num_classes=200, excess=1.0)
+    chance_w = math.log(math.log(200))
+    for r in steps_of(recs):
+        r.update({f"w_{b}": chance_w * min(1.0, r["step"] / 100) for b in BRANCHES})  # at log ln C ...
+        r.update({f"loss_{b}": 3.0 * math.log(200) for b in BRANCHES})  # ... but log L = log(3 ln C): 1.1 away
+    found = codes(diagnose(write_run(tmp_path / "r", recs)))
+    assert "uncertainty-at-chance" not in found and found["chance-level"] == "error"
 
 
 def test_uncertainty_at_chance_without_losses_is_a_warning(tmp_path):
@@ -367,3 +380,92 @@ def test_empty_log_and_a_sparse_log_still_report(tmp_path, capsys):
 def test_a_run_that_never_left_warm_up_is_not_called_at_chance(tmp_path):
     recs = [r for r in at_chance_records() if r["step"] < 30]  # warm-up is 30 steps
     assert "chance-level" not in codes(diagnose(write_run(tmp_path / "r", recs, make_config())))
+
+
+# --- how the run ended (the trainer's end record), the weights' speed, a rising loss, skipped checks
+
+OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 226.00 MiB. GPU 0 has a total capacity of 15.89 GiB of which "
+               "225.12 MiB is free. Of the allocated memory 14.12 GiB is allocated by PyTorch, and 1.25 GiB is "
+               "reserved by PyTorch but unallocated.")
+
+
+def end_record(status="crashed", type_="OutOfMemoryError", message=OOM_MESSAGE, step=300, epoch=9):
+    exc = None if status == "completed" else {"type": type_, "message": message, "where": "dcal/train.py:380 in step"}
+    return {"kind": "end", "status": status, "step": step, "epoch": epoch, "exception": exc}
+
+
+def test_end_record_oom_names_the_tensor_from_the_config(tmp_path):
+    cfg = make_config()
+    cfg["model"]["backbone"], cfg["data"]["img_size"], cfg["train"]["batch_size"] = "vit_base_patch16_224", 448, 4
+    run = write_run(tmp_path / "r", healthy_records() + [end_record()], cfg)
+    log = load_run(run)
+    assert log.end.status == "crashed" and log.end.step == 300
+    f = next(f for f in diagnose(run) if f.code == "oom")
+    assert f.severity == "error" and f.evidence["allocator_bytes"]["requested"] == 226 * 2**20
+    assert [m["component"] for m in f.evidence["matches"]] == ["pwca"] and "the run's config" in f.message
+    assert "step 300" in f.message and "14.12 GiB" in f.message
+    assert main([str(run)]) == 1
+
+
+def test_end_record_crash_and_completed(tmp_path):
+    crashed = write_run(tmp_path / "c", healthy_records() + [end_record(type_="KeyError", message="'pwca'")],
+                        make_config())
+    f = next(f for f in diagnose(crashed) if f.code == "crash")
+    assert f.severity == "error" and "KeyError: 'pwca'" in f.message and "dcal/train.py:380" in f.message
+    done = write_run(tmp_path / "d", healthy_records() + [end_record("completed")], make_config())
+    assert diagnose(done) == []
+    resumed = write_run(tmp_path / "r", healthy_records()[:50] + [end_record()] + healthy_records()[50:],
+                        make_config())
+    assert load_run(resumed).end is None  # records after an end: the run was resumed and has not ended
+    bad = write_run(tmp_path / "b", healthy_records() + [{"kind": "end", "status": "exploded"}])
+    with pytest.raises(RunLogError, match="end record status"):
+        load_run(bad)
+
+
+def test_uncertainty_lag_on_step_records(tmp_path):
+    """w_i growing by lr every step (Adam's speed limit) toward log L_i = log 3 ≈ 1.1, still 0.95 away."""
+    recs = healthy_records()
+    lr = 5e-4
+    for r in steps_of(recs):
+        r["lr"] = lr
+        for i, b in enumerate(BRANCHES):
+            r[f"loss_{b}"] = 3.0 + 0.01 * i
+            r[f"w_{b}"] = lr * (r["step"] + 1)
+    f = next(f for f in diagnose(write_run(tmp_path / "r", recs)) if f.code == "uncertainty-lag")
+    assert f.severity == "warning" and set(f.evidence["branches"]) == set(BRANCHES)
+    assert f.evidence["branches"]["sa"]["speed_median"] == pytest.approx(1.0, rel=0.01)
+    assert "more optimiser steps" in f.message
+    assert "uncertainty-lag" not in codes(diagnose(write_run(tmp_path / "h", healthy_records())))
+
+
+def rising_records() -> list[dict]:
+    """Branch losses fall to step 100, then rise by 10 % at a falling LR while accuracy falls."""
+    recs = healthy_records()
+    for r in steps_of(recs):
+        for i, b in enumerate(BRANCHES):
+            t = r["step"]
+            r[f"loss_{b}"] = (1.0 + 0.1 * i) * (1.0 + (0.5 * (100 - t) / 100 if t < 100 else 0.1 * (t - 100) / 200))
+    for r, a in zip(evals_of(recs), [0.5, 0.6, 0.55, 0.45, 0.4, 0.35], strict=True):
+        r.update(acc_sa=a, acc_glca=a, acc_fused=a)
+    return recs
+
+
+def test_loss_rising_and_its_tie_to_coupled_weight_decay(tmp_path):
+    f = next(f for f in diagnose(write_run(tmp_path / "r", rising_records())) if f.code == "loss-rising")
+    assert f.severity == "warning" and f.evidence["lr"]["flat_or_falling"]
+    assert f.evidence["losses"]["loss_sa"]["rise_fraction"] == pytest.approx(0.1, abs=0.02)
+    found = codes(diagnose(write_run(tmp_path / "w", rising_records(), make_config(optimizer="adam_l2"))))
+    assert found["loss-rising"] == "warning" and found["coupled-weight-decay"] == "error"
+    recs = rising_records()
+    for r in evals_of(recs):
+        r.update(acc_sa=0.9, acc_glca=0.9, acc_fused=0.9)  # accuracy holds: not erosion
+    assert "loss-rising" not in codes(diagnose(write_run(tmp_path / "a", recs)))
+
+
+def test_chance_checks_say_when_they_are_skipped(tmp_path):
+    recs = [r for r in at_chance_records() if r["kind"] == "step"]  # no eval record: no num_classes
+    findings = diagnose(write_run(tmp_path / "r", recs))
+    skipped = [f for f in findings if f.code == "check-skipped"]
+    assert skipped and skipped[0].severity == "info" and "number of classes C is unknown" in skipped[0].message
+    assert "no findings" not in doctor.format_text(findings)
+    assert not any(f.code == "check-skipped" for f in diagnose(write_run(tmp_path / "c", recs), num_classes=C))

@@ -2,16 +2,24 @@
 numbers and, when the model's shape is known, which attention map the failed request matches."""
 from __future__ import annotations
 
+import math
+
 from ..logimport import exception_kind, parse_oom
+from ..logimport.crash import UNITS
 from ..runlog import RunLog
 from .common import ModelShape
 from .findings import Finding
 
-__all__ = ["check_crash", "check_oom", "match_attention_maps", "OOM_ROUNDING_BYTES", "OOM_EDGE_FRACTION"]
+__all__ = ["check_crash", "check_oom", "match_attention_maps", "allocation_size", "OOM_ROUNDING_BYTES",
+           "OOM_EDGE_FRACTION"]
 
-# The caching allocator rounds a large request up to a multiple of 2 MiB: a tensor matches a request when
-# it is within 2 MiB of it.
-OOM_ROUNDING_BYTES = 2 * 2**20
+# PyTorch's CUDA caching allocator reports the segment it tried to allocate, not the tensor's bytes: a
+# request is rounded up to 512 bytes, then a request of at most 1 MiB takes a 2 MiB segment, one under
+# 10 MiB a 20 MiB segment, a larger one a multiple of 2 MiB (c10/cuda/CUDACachingAllocator.cpp). Below
+# 10 MiB many tensors share a segment size: no tensor is named from it.
+ALLOC_ROUND, SMALL_SIZE, SMALL_BUFFER = 512, 2**20, 2 * 2**20
+MIN_LARGE_ALLOC, LARGE_BUFFER, ROUND_LARGE = 10 * 2**20, 20 * 2**20, 2 * 2**20
+OOM_ROUNDING_BYTES = ROUND_LARGE
 # Allocated memory at ≥ 85 % of the GPU's capacity when a request fails: the step itself is at the edge of
 # the memory (a leak shows as growth over steps instead).
 OOM_EDGE_FRACTION = 0.85
@@ -93,10 +101,24 @@ def _map_numbers(entry: dict) -> str:
         return shape
 
 
-def match_attention_maps(requested: float, shape: ModelShape) -> list[dict]:
-    """The attention maps (component, dtype) whose one-layer size is within `OOM_ROUNDING_BYTES` of a
-    failed request of `requested` bytes."""
-    return [e for e in _per_map_bytes(shape) if abs(e["bytes"] - requested) <= OOM_ROUNDING_BYTES]
+def allocation_size(nbytes: float) -> int:
+    """The segment the caching allocator asks CUDA for to hold a tensor of `nbytes` (see the constants)."""
+    size = math.ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return math.ceil(size / ROUND_LARGE) * ROUND_LARGE
+
+
+def match_attention_maps(requested: float, shape: ModelShape, precision: float = 0.005 * 2**20) -> list[dict]:
+    """The attention maps (component, dtype) whose one-layer size, rounded as the allocator rounds it, is a
+    failed request of `requested` bytes (within `precision`: the message prints two decimals). Requests
+    under 10 MiB name nothing (many sizes share one segment)."""
+    if requested < MIN_LARGE_ALLOC:
+        return []
+    return [e for e in _per_map_bytes(shape) if e["bytes"] >= MIN_LARGE_ALLOC
+            and abs(allocation_size(e["bytes"]) - requested) <= precision]
 
 
 def _mib(b: float) -> str:
@@ -109,15 +131,16 @@ def _match_text(oom: dict, shape: ModelShape | None) -> tuple[str, list]:
     if shape is None:
         return (" The model's shape is unknown: pass --backbone, --img-size and --batch-size (or diagnose a run "
                 "folder with its config) to compare the request with the attention-memory estimate."), []
-    matches = match_attention_maps(oom["requested"], shape)
+    unit = oom["text"]["requested"].split()[-1].upper()
+    matches = match_attention_maps(oom["requested"], shape, precision=0.005 * UNITS[unit])
     model = f"{shape.backbone} at {shape.img_size} px, batch {shape.batch_size} ({shape.source})"
     if not matches:
-        return (f" The request matches no single attention map of {model} (within "
-                f"{OOM_ROUNDING_BYTES / 2**20:.0f} MiB).", [])
+        return (f" The request is the size of no single attention map of {model} (as the allocator rounds "
+                "it).", [])
     texts = [f"one {m['dtype']} {_COMPONENT[m['component']]} ({m['map'].split(' ')[0]} = {_map_numbers(m)} × "
              f"{4 if m['dtype'] == 'fp32' else 2} bytes = {_mib(m['bytes'])})" for m in matches]
-    return (f" The {oom['text']['requested']} request is the size of " + " or ".join(texts) + f" of {model}; the "
-            f"allocator rounds requests up to {OOM_ROUNDING_BYTES / 2**20:.0f} MiB."), matches
+    return (f" The {oom['text']['requested']} request is the size of " + " or ".join(texts) + f" of {model}, rounded up "
+            f"to the allocator's {ROUND_LARGE // 2**20} MiB multiple."), matches
 
 
 def _reading(oom: dict) -> str:

@@ -167,8 +167,8 @@ def resolve_setting(label: str) -> str | None:
 
 
 def resolve_index(label: str) -> str | None:
-    """``epoch`` or ``step`` when the label names the record index, else None."""
-    norm = normalise(label)
+    """``epoch`` or ``step`` when the label names the record index ("Train Epoch" too), else None."""
+    norm = " ".join(_split(normalise(label).split())[1])
     return next((k for k, p in _INDEX.items() if p.match(norm)), None)
 
 

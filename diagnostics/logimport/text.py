@@ -52,6 +52,7 @@ _UNIT = r"(?:\s*(?P<unit>%|[KMGT]i?B\b))?"
 _END = r"(?=$|[\s,;|)\]}])"
 _PAIR = re.compile(rf"{_NAME}\s*[:=]\s*{_NUM}{_UNIT}{_END}", re.I)
 _SPACED = re.compile(rf"(?<![\w.])(?P<name>{_WORD}(?: {_WORD})?)\s+{_NUM}{_UNIT}{_END}", re.I)
+_FRACTION = re.compile(rf"{_NAME}\s*[:=]\s*(?P<a>\d+)\s*/\s*(?P<b>\d+)(?:\s*\([\d.]+%\))?{_END}")
 _BAD_VALUE = re.compile(rf"{_NAME}\s*[:=]\s*(?P<raw>[^\s,;|]+)")
 # "1.17% (Best: 15.38% @ epoch 5)": a parenthesised remark right after a value (not "w1 (SA): 0.1")
 _REMARK = re.compile(r"(?P<keep>[:=]\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*%?)\s*\([^()]*\)")
@@ -97,6 +98,7 @@ class _Reader:
         self.tb = TracebackReader()
         self.record_counter = 0
         self.lineno = 0
+        self.line_split: str | None = None
 
     # --- one line
     def line(self, lineno: int, raw: str) -> None:
@@ -169,14 +171,20 @@ class _Reader:
         return True
 
     def _metrics(self, lineno: int, body: str) -> None:
-        taken: list[tuple[int, int]] = []
-        for m in _PAIR.finditer(body):
+        pairs = list(_PAIR.finditer(body))
+        taken = [m.span() for m in pairs]
+        spaced = [m for m in _SPACED.finditer(body) if not any(a <= m.start() < b for a, b in taken)]
+        fractions = [m for m in _FRACTION.finditer(body) if not any(a <= m.start() < b for a, b in taken)]
+        self.line_split = self._line_split(body, pairs + spaced + fractions)
+        for m in pairs:
             self._one(lineno, m["name"], m["value"], m["unit"], spaced=False)
-            taken.append(m.span())
-        for m in _SPACED.finditer(body):
-            if any(a <= m.start() < b for a, b in taken):
-                continue
+        for m in spaced:
             self._one(lineno, m["name"], m["value"], m["unit"], spaced=True)
+        for m in fractions:  # "Accuracy: 9700/10000 (97%)": an accuracy written as a count
+            label = self._label(m["name"])
+            if label is not None and "acc" in label.name and int(m["b"]) > 0:
+                self._one(lineno, m["name"], str(int(m["a"]) / int(m["b"])), None, spaced=False)
+            taken.append(m.span())
         for m in _BAD_VALUE.finditer(body):
             if any(a <= m.start() < b for a, b in taken) or _MARKER.match(m.group(0)):
                 continue
@@ -184,9 +192,18 @@ class _Reader:
             raw = m["raw"]
             if label is not None and not re.match(_NUM, raw, re.I) and not raw.startswith("["):
                 self.out.problems.append((lineno, f"{m['name'].strip()!r} has the value {raw!r}, not a number"))
+        self.line_split = None
+
+    def _line_split(self, body: str, matches: list) -> str | None:
+        """The split a line names before its first metric ("Test set: Average loss: ...", "valid on 'valid'
+        subset | loss 3.8"): the default split of that line's names."""
+        starts = [m.start() for m in matches if resolve(m["name"], None, self.mapping) is not None]
+        prefix = body[:min(starts)] if starts else ""
+        splits = {SPLIT_WORDS[w] for w in normalise(prefix).split() if w in SPLIT_WORDS}
+        return splits.pop() if len(splits) == 1 else None
 
     def _label(self, name: str) -> Label | None:
-        return resolve(name, self.state.section, self.mapping)
+        return resolve(name, self.line_split or self.state.section, self.mapping)
 
     def _one(self, lineno: int, name: str, value: str, unit: str | None, spaced: bool) -> None:
         name = name.strip()
