@@ -70,3 +70,39 @@ def test_hooks_on_attn_see_nothing_hooks_on_the_documented_points_see_every_bran
     assert attn_calls == []  # dcal's layers never call attn.forward
     assert calls == {"backbone.blocks.0.attn.proj": 2, "backbone.blocks.1.attn.proj": 2,  # SA and PWCA
                      "glca.block.attn.proj": 1}
+
+
+# ----------------------------------------------------------------------------- local checkpoints through timm
+def _save(model, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_shipped_backbone_loads_through_timm_and_matches_the_file():
+    from safetensors.torch import load_file
+
+    from dcal.config import preset
+
+    m = preset("demo").model
+    model = dcal.build_model(m.backbone, num_classes=10, img_size=64, pretrained=m.pretrained, **m.timm_kwargs)
+    weights = load_file(m.pretrained)
+    own = model.backbone.state_dict()
+    for k, v in weights.items():
+        if not k.startswith("head."):
+            assert torch.equal(own[k], v), k
+    assert own["head.weight"].shape[0] == 10  # the file's head has another class count: the fresh one is kept
+
+
+def test_a_matching_head_is_loaded_and_missing_blocks_are_an_error_even_with_a_new_head(tmp_path):
+    import pytest
+    import timm
+
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, **TINY)
+    path = _save(src, tmp_path / "w.safetensors")
+    model = dcal.build_model("vit_tiny_patch16_224", num_classes=5, img_size=32, pretrained=str(path), **TINY)
+    torch.testing.assert_close(model.backbone.head.weight, src.head.weight, atol=0, rtol=0)
+    deeper = dict(TINY, depth=3)
+    with pytest.raises(dcal.CheckpointError, match=r"(?s)w\.safetensors: does not fit .*Missing key.*blocks\.2\."):
+        dcal.build_model("vit_tiny_patch16_224", num_classes=7, img_size=32, pretrained=str(path), **deeper)
