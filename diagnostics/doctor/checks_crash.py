@@ -23,7 +23,7 @@ OOM_ROUNDING_BYTES = ROUND_LARGE
 # Allocated memory at ≥ 85 % of the GPU's capacity when a request fails: the step itself is at the edge of
 # the memory (a leak shows as growth over steps instead).
 OOM_EDGE_FRACTION = 0.85
-_COMPONENT = {"sa": "SA score map", "glca": "GLCA score map", "pwca": "PWCA score map (over 2N keys)",
+_COMPONENT = {"sa": "SA score map", "glca": "GLCA score map", "pwca": "PWCA score map over 2N keys",
               "rollout_maps": "head-mean attention map kept for the rollout",
               "seed_sa_image2": "score map of a second SA pass for image 2",
               "seed_rollout_products": "rollout matrix product"}
