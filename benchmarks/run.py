@@ -14,6 +14,10 @@ and the target. Rows:
   a fraction of one DCAL training step.
 - memory/deit448: peak training memory, DCAL vs SA, with and without gradient checkpointing.
 - overhead/<case>: the tier-1 NaN checks and the memory callback per step, when `diagnostics` provides them.
+- watch/<case>, watch-amortised/<case>: a hand-written loop's step with `diagnostics.watch` attached vs without
+  (`benchmarks/watch.py`): the median per-pair ratio, and the ratio of total times.
+
+`--only SECTION[,SECTION]` runs some sections: train, infer, rollout, memory, overhead, watch.
 
 Writes JSON (`--out`) and prints a markdown table.
 """
@@ -34,6 +38,7 @@ import torch
 from .cases import CASES, Case, chain_rollout, flops_of, full_product_rollout, make_train_step, random_maps
 from .memory import peak_memory
 from .timing import ab_timing, quantiles, timing
+from .watch import bench_watch
 
 __all__ = ["main", "run", "Settings", "PRESETS"]
 
@@ -50,10 +55,12 @@ class Settings:
     budget_s: float  # per row: stop adding pairs after this long (at least 3 pairs)
     overhead_case: str = "demo"
     flops: bool = True
+    watch_pairs: int = 40
+    sections: tuple[str, ...] = ("train", "infer", "rollout", "memory", "overhead", "watch")
 
 
 PRESETS = {
-    "full": Settings(("deit224", "deit448", "demo"), "deit448", 15, 21, 11, budget_s=75.0),
+    "full": Settings(("deit224", "deit448", "demo"), "deit448", 15, 21, 11, budget_s=75.0, watch_pairs=80),
     "quick": Settings(("deit224", "deit448", "demo"), "deit448", 5, 7, 5, budget_s=20.0),
     "tiny": Settings(("tiny",), "tiny", 3, 3, 3, budget_s=5.0, overhead_case="tiny"),  # the smoke test
 }
@@ -293,20 +300,29 @@ def run(settings: Settings, device: torch.device, threads: int, log=print) -> di
             else:
                 log(f"  {r['name']}: {r['note']}")
 
-    for name in settings.cases:
+    on = set(settings.sections)
+    for name in settings.cases if on & {"train", "infer", "rollout"} else ():
         case = CASES[name]
         log(f"{case.name}: {case.label}")
-        r, steps[name] = bench_train(case, settings, device)
-        add(r)
-        _free(device)
-        add(bench_infer(case, settings, device))
-        _free(device)
-        add(bench_rollout(case, settings, device, steps[name]))
-    log(f"memory: {CASES[settings.memory_case].label}")
-    add(bench_memory(CASES[settings.memory_case], device))
+        if "train" in on:
+            r, steps[name] = bench_train(case, settings, device)
+            add(r)
+            _free(device)
+        if "infer" in on:
+            add(bench_infer(case, settings, device))
+            _free(device)
+        if "rollout" in on:
+            add(bench_rollout(case, settings, device, steps.get(name)))
+    if "memory" in on:
+        log(f"memory: {CASES[settings.memory_case].label}")
+        add(bench_memory(CASES[settings.memory_case], device))
     over = settings.overhead_case
-    log(f"overheads: {CASES[over].label}")
-    add(bench_overheads(CASES[over], settings, device))
+    if on & {"overhead", "watch"}:
+        log(f"overheads: {CASES[over].label}")
+    if "overhead" in on:
+        add(bench_overheads(CASES[over], settings, device))
+    if "watch" in on:
+        add(bench_watch(CASES[over], settings.watch_pairs, device, row))
     info["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     wall = time.perf_counter() - t0
     return {"machine": info, "settings": settings.__dict__, "rows": rows, "wall_s": wall}
@@ -320,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable on a shared machine)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
+    p.add_argument("--only", default=None, metavar="SECTION[,SECTION]",
+                   help=f"run only these sections, of {', '.join(Settings.sections)}")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
@@ -327,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = PRESETS[preset]
     if args.no_flops:
         settings = Settings(**{**settings.__dict__, "flops": False})
+    if args.only:
+        only = tuple(x.strip() for x in args.only.split(","))
+        unknown = sorted(set(only) - set(Settings.sections))
+        if unknown:
+            p.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(Settings.sections)}")
+        settings = Settings(**{**settings.__dict__, "sections": only})
     device = torch.device(args.device)
     result = run(settings, device, args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["preset"] = preset

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder, not an installed package
@@ -28,5 +29,21 @@ def test_benchmark_harness_runs_on_the_tiny_preset(tmp_path, capsys):
     assert rows["train/tiny"]["flop_ratio"] > 1.5  # DCAL ≈ 2× SA in FLOPs
     assert rows["rollout/tiny"]["flop_ratio"] < 1  # the chain is cheaper than the full product
     assert "TorchDispatchMode" in rows["memory/tiny/dcal_vs_sa"]["note"]
+    watch = rows["watch/tiny"]  # diagnostics.watch on a hand-written loop, side by side with the plain loop
+    assert watch["pairs"] >= 40 and watch["a"]["median"] > 0 and "watched steps" in watch["note"]
+    assert rows["watch-amortised/tiny"]["target"] == 1.03
     table = capsys.readouterr().out
     assert "| measurement | A | B | B/A (median) |" in table and "train/tiny" in table
+
+
+def test_only_runs_the_named_sections(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        assert main(["--preset", "tiny", "--only", "watch", "--out", str(out)]) == 0
+        with pytest.raises(SystemExit):
+            main(["--preset", "tiny", "--only", "trian"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["watch/tiny", "watch-amortised/tiny"]
+    assert "unknown section(s) ['trian']" in capsys.readouterr().err
