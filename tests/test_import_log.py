@@ -263,6 +263,17 @@ def test_section_headers_set_the_split(tmp_path):
     assert log.steps["train_acc"].tolist() == pytest.approx([0.61, 0.72])
 
 
+def test_printed_python_dicts(tmp_path):
+    """Hugging Face's Trainer prints dicts: quoted names, the epoch at the end, eval_ names."""
+    text = ("{'loss': 2.1, 'learning_rate': 5e-05, 'epoch': 1.0}\n{'eval_loss': 1.9, 'eval_accuracy': 0.41, 'epoch': 1.0}\n"
+            "{'loss': 1.6, 'learning_rate': 4e-05, 'epoch': 2.0}\n{'eval_loss': 1.5, 'eval_accuracy': 0.55, 'epoch': 2.0}\n")
+    path = write(tmp_path, "hf.log", text)
+    assert detect_format(path) == "text"  # starts with "{" but is not JSON
+    log = import_log(path)
+    assert log.steps["loss"].tolist() == [2.1, 1.6] and log.steps["lr"].tolist() == [5e-05, 4e-05]
+    assert log.evals["val_acc"].tolist() == [0.41, 0.55] and log.evals["epoch"].tolist() == [1, 2]
+
+
 def test_healthy_run_whose_total_loss_goes_negative_has_no_finding(tmp_path):
     """Under uncertainty weighting w_i < 0 once L_i < 1, and the total ½·Σ(e^(−w)·L + w) goes negative."""
     lines = []

@@ -52,6 +52,14 @@ def _is_run_jsonl(lines: list[str]) -> bool:
     return False
 
 
+def _is_json(line: str) -> bool:
+    """A JSON object (not a printed Python dict, which a text log may hold: ``{'loss': 0.5}``)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def detect_format(path: str | Path) -> str:
     """The format `import_log` would read `path` as: run, jsonl, csv, tensorboard or text.
 
@@ -71,7 +79,7 @@ def detect_format(path: str | Path) -> str:
         return "tensorboard"
     head = _sniff(p)
     first = next((ln for ln in head.splitlines() if ln.strip()), "")
-    if p.suffix.lower() in (".jsonl", ".ndjson", ".json") or first.lstrip().startswith("{"):
+    if p.suffix.lower() in (".jsonl", ".ndjson", ".json") or (first.lstrip().startswith("{") and _is_json(first)):
         return "run" if _is_run_jsonl(head.splitlines()) else "jsonl"
     if p.suffix.lower() in (".csv", ".tsv"):
         return "csv"

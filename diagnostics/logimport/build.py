@@ -153,8 +153,9 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
         seen = ", ".join(f"{k!r} (line {v})" for k, v in list(r.unrecognised.items())[:12]) or "none"
         raise LogImportError(
             f"{path}: no metric could be read as a {fmt} log ({r.lines} {r.unit}s; labels seen but not "
-            f"recognised: {seen}). Name them with --map CANONICAL=NAME (Python: mapping=), or pick the "
-            "format with --format")
+            f"recognised: {seen}"
+            + (f"; could not read: line {r.problems[0][0]}: {r.problems[0][1]}" if r.problems else "")
+            + "). Name them with --map CANONICAL=NAME (Python: mapping=), or pick the format with --format")
     steps, evals = frames_from_records(records)
     if unit == "record":
         notes.append("no epoch or step marker in the log: records are numbered in the order they appear")

@@ -43,14 +43,15 @@ _PREFIXES = [re.compile(p, re.I) for p in (
 )]
 _TQDM = re.compile(r"(?P<desc>.*?)(?::\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
                    r"\s*(?:\[(?P<inner>[^\]]*)\])?")
-_MARKER = re.compile(r"(?<![\w@])(?P<kind>epoch|step|iter|iteration|global[ _]step)\b\s*[:=#]?\s*\[?\s*"
+_MARKER = re.compile(r"(?<![\w@])(?P<kind>epoch|step|iter|iteration|global[ _]step)\b['\"]?\s*[:=#]?\s*\[?\s*"
                      r"(?P<n>\d+)(?:\s*(?:/|of)\s*(?P<total>\d+))?", re.I)
 _WORD = r"[A-Za-z_][\w.\-/@]*"
 _NAME = rf"(?P<name>{_WORD}(?:[ ](?:\([\w\s\-/]+\)|{_WORD})){{0,4}})"
 _NUM = r"(?P<value>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)\b)"
 _UNIT = r"(?:\s*(?P<unit>%|[KMGT]i?B\b))?"
 _END = r"(?=$|[\s,;|)\]}])"
-_PAIR = re.compile(rf"{_NAME}\s*[:=]\s*{_NUM}{_UNIT}{_END}", re.I)
+_Q = r"['\"]?"  # a quoted name: "{'loss': 0.5}" (a printed dict, as Hugging Face's Trainer logs)
+_PAIR = re.compile(rf"{_Q}{_NAME}{_Q}\s*[:=]\s*{_NUM}{_UNIT}{_END}", re.I)
 _SPACED = re.compile(rf"(?<![\w.])(?P<name>{_WORD}(?: {_WORD})?)\s+{_NUM}{_UNIT}{_END}", re.I)
 _FRACTION = re.compile(rf"{_NAME}\s*[:=]\s*(?P<a>\d+)\s*/\s*(?P<b>\d+)(?:\s*\([\d.]+%\))?{_END}")
 _BAD_VALUE = re.compile(rf"{_NAME}\s*[:=]\s*(?P<raw>[^\s,;|]+)")
