@@ -83,7 +83,7 @@ def model_from_config(cfg: Config, num_classes: int) -> DCAL:
     return build_model(m.backbone, num_classes=num_classes, img_size=cfg.data.img_size, pretrained=m.pretrained,
                        glca=m.glca, pwca=m.pwca, glca_ratio=m.glca_ratio, glca_placement=m.glca_placement,
                        drop_path_rate=m.drop_path_rate, glca_init=m.glca_init, glca_pool=m.glca_pool,
-                       pwca_detach_kv=m.pwca_detach_kv, grad_checkpointing=m.grad_checkpointing, **m.timm_kwargs)
+                       glca_selection=m.glca_selection, pwca_detach_kv=m.pwca_detach_kv, grad_checkpointing=m.grad_checkpointing, **m.timm_kwargs)
 
 
 def active_branches(model: DCAL) -> tuple[str, ...]:

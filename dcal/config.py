@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .model import GLCA_INITS, GLCA_PLACEMENTS, GLCA_POOLS
+from .model import GLCA_INITS, GLCA_PLACEMENTS, GLCA_POOLS, GLCA_SELECTIONS
 from .schedule import LR_RULES, global_batch_size, lr_for_rule
 from .schema import (
     Bool,
@@ -53,6 +53,7 @@ class ModelConfig:
     glca_placement: str = "stacked"
     glca_init: str | None = None       # None: "copy" when pretrained, else "random"
     glca_pool: str = "cls"
+    glca_selection: str = "rollout"    # rollout | uniform | random (the last two only to measure the rollout)
     pwca_detach_kv: bool = False
     drop_path_rate: float = 0.1        # stochastic depth, as in the paper
     grad_checkpointing: bool = False
@@ -165,6 +166,7 @@ SCHEMA: dict[str, Spec] = {
     "model.glca_placement": Choice(GLCA_PLACEMENTS),
     "model.glca_init": Nullable(Choice(GLCA_INITS)),
     "model.glca_pool": Choice(GLCA_POOLS),
+    "model.glca_selection": Choice(GLCA_SELECTIONS),
     "model.pwca_detach_kv": Bool(),
     "model.drop_path_rate": Number(0.0, 1.0, hi_open=True),  # a probability; 1 would drop every block
     "model.grad_checkpointing": Bool(),

@@ -24,11 +24,16 @@ from .errors import ConfigError
 from .layers import attention_rollout, check_block, glca_block, pwca_block, sa_block
 from .pretrained import load_pretrained
 
-__all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement", "eval_mode", "fused_probs"]
+__all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement", "eval_mode", "fused_probs", "select_local",
+           "GLCA_SELECTIONS"]
 
 GLCA_PLACEMENTS = ("stacked", "parallel")
 GLCA_INITS = ("copy", "random")
 GLCA_POOLS = ("cls", "mean", "local")
+# How GLCA's local queries are chosen. "rollout" is the method; the other two exist to measure what the
+# rollout buys: "uniform" is the seed system's fallback (top-k of torch.ones: the same patches for every
+# image), "random" is the paper's "random local queries" ablation (k distinct patches drawn per image).
+GLCA_SELECTIONS = ("rollout", "uniform", "random")
 _VIT_FAMILIES = ("vision_transformer", "deit", "vision_transformer_hybrid")
 
 
@@ -70,6 +75,22 @@ def fused_probs(sa_logits: Tensor, glca_logits: Tensor | None) -> Tensor:
     """
     p = sa_logits.float().softmax(-1)
     return p if glca_logits is None else p + glca_logits.float().softmax(-1)
+
+
+def select_local(scores: Tensor, k: int, mode: str = "rollout") -> Tensor:
+    """The k local query patches per image, best first: (B, P) patch scores → (B, k) indices in 0..P−1.
+
+    ``mode`` is one of `GLCA_SELECTIONS`: ``"rollout"`` (top-k of the scores), ``"uniform"`` (the seed's
+    ``torch.ones(B, P).topk(k)``: whatever the kernel's tie-breaking yields, the same set for every image),
+    ``"random"`` (top-k of uniform noise from the global RNG: k distinct patches per image).
+    """
+    if mode == "rollout":
+        return scores.topk(k, dim=1, sorted=True).indices
+    if mode == "uniform":
+        return torch.ones_like(scores).topk(k, dim=1).indices
+    if mode == "random":
+        return torch.rand_like(scores).topk(k, dim=1).indices
+    raise ConfigError(f"glca_selection must be one of {GLCA_SELECTIONS}, got {mode!r}")
 
 
 def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -140,6 +161,8 @@ class DCAL(nn.Module):
         glca_init: ``"copy"`` (GLCA starts from the last SA block, final norm and head) or ``"random"``.
         glca_pool: ``"cls"`` (the head reads GLCA's CLS output) or ``"mean"`` (mean of the 1+k query
             outputs); see `GLCA`.
+        glca_selection: how the local queries are chosen, one of `GLCA_SELECTIONS` (``"rollout"``, the
+            method; ``"uniform"`` and ``"random"`` only to measure what the rollout buys).
         pwca_detach_kv: stop gradients through image 2's keys/values in PWCA (the paper is silent; off).
         grad_checkpointing: recompute SA and PWCA blocks in backward (`torch.utils.checkpoint`).
     """
@@ -154,6 +177,7 @@ class DCAL(nn.Module):
         glca_placement: str = "stacked",
         glca_init: str = "random",
         glca_pool: str = "cls",
+        glca_selection: str = "rollout",
         pwca_detach_kv: bool = False,
         grad_checkpointing: bool = False,
     ):
@@ -169,6 +193,8 @@ class DCAL(nn.Module):
             raise ConfigError(f"glca_placement must be one of {GLCA_PLACEMENTS}, got {glca_placement!r}")
         if glca_pool not in GLCA_POOLS:
             raise ConfigError(f"glca_pool must be one of {GLCA_POOLS}, got {glca_pool!r}")
+        if glca_selection not in GLCA_SELECTIONS:
+            raise ConfigError(f"glca_selection must be one of {GLCA_SELECTIONS}, got {glca_selection!r}")
         if glca_init not in GLCA_INITS:
             raise ConfigError(f"glca_init must be one of {GLCA_INITS}, got {glca_init!r}")
         for i, blk in enumerate(backbone.blocks):
@@ -179,6 +205,7 @@ class DCAL(nn.Module):
         self.glca_ratio = glca_ratio
         self.glca_placement = glca_placement
         self.pwca_enabled = pwca
+        self.glca_selection = glca_selection
         self.pwca_detach_kv = pwca_detach_kv
         self.grad_checkpointing = grad_checkpointing
         self.num_prefix_tokens = backbone.num_prefix_tokens
@@ -262,7 +289,7 @@ class DCAL(nn.Module):
         names = [f"backbone.blocks.{i}" for i in range(rollout_depth)]
         full = attention_rollout(weights, names)  # (B, N)
         rollout = full[:, self.num_prefix_tokens:]  # (B, P)
-        local_index = rollout.topk(self.num_local, dim=1, sorted=True).indices  # (B, k)
+        local_index = select_local(rollout, self.num_local, self.glca_selection)  # (B, k)
 
         sa_logits = bb.forward_head(bb.norm(h))
         glca_logits = None
@@ -337,7 +364,7 @@ class DCAL(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"glca={self.glca is not None}, pwca={self.pwca_enabled}, glca_ratio={self.glca_ratio}, "
-                f"k={self.num_local}/{self.num_patches}, placement={self.glca_placement}")
+                f"k={self.num_local}/{self.num_patches}, placement={self.glca_placement}, selection={self.glca_selection}")
 
 
 def build_model(
@@ -353,6 +380,7 @@ def build_model(
     drop_path_rate: float = 0.1,
     glca_init: str | None = None,
     glca_pool: str = "cls",
+    glca_selection: str = "rollout",
     pwca_detach_kv: bool = False,
     grad_checkpointing: bool = False,
     **timm_kwargs,
@@ -396,4 +424,4 @@ def build_model(
     if glca_init is None:
         glca_init = "copy" if pretrained else "random"
     return DCAL(net, glca=glca, pwca=pwca, glca_ratio=glca_ratio, glca_placement=glca_placement,
-                glca_init=glca_init, glca_pool=glca_pool, pwca_detach_kv=pwca_detach_kv, grad_checkpointing=grad_checkpointing)
+                glca_init=glca_init, glca_pool=glca_pool, glca_selection=glca_selection, pwca_detach_kv=pwca_detach_kv, grad_checkpointing=grad_checkpointing)

@@ -26,6 +26,7 @@ TABLE = {
     "model.glca_placement": ("beside", "parallel"),
     "model.glca_init": ("zeros", "copy"),
     "model.glca_pool": ("max", "mean"),
+    "model.glca_selection": ("topk", "random"),
     "model.pwca_detach_kv": ("sometimes", "true"),
     "model.drop_path_rate": ("1", "0.2"),
     "model.grad_checkpointing": ("on", "1"),
