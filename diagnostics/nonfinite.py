@@ -34,7 +34,7 @@ from dcal.callbacks import Callback
 from dcal.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteError", "NonFiniteDetector", "finite_checks", "NonFiniteCallback", "describe_tensor",
-           "FiniteGuard", "StepCheck", "scaler_enabled", "MAX_OVERFLOWS_IN_A_ROW"]
+           "FiniteGuard", "StepCheck", "scaler_enabled", "MAX_OVERFLOWS_IN_A_ROW", "AMP_OVERFLOW"]
 
 PHASES = ("forward", "backward")
 
@@ -45,6 +45,8 @@ MAX_OVERFLOWS_IN_A_ROW = 20
 
 # Tier-1 names of gradient terms: with an enabled GradScaler, these alone being non-finite is an overflow.
 GRADIENT_TERMS = ("grad_norm",)
+# The step record's ``skip_reason`` of a step the GradScaler skipped (not a fault; the doctor passes over it).
+AMP_OVERFLOW = "amp-overflow"
 
 # torch warns once per process about backward hooks on modules it cannot hook (a dataclass output such as
 # DCALOutput, a module whose inputs need no gradient); both are expected here and say nothing to the user.
@@ -574,7 +576,7 @@ class NonFiniteCallback(Callback):
     micro-batches with ``trainer.replay(batch, rng_state)`` under `NonFiniteDetector(trainer.model,
     extra={"loss_fn": trainer.loss_fn})`. With an enabled ``trainer.scaler`` a step whose only non-finite
     term is the gradient norm is an fp16 overflow the scaler skips: not a fault; its record gets
-    ``skipped: true`` and ``skip_reason: "amp-overflow"``.
+    ``skipped: true`` and ``skip_reason: "amp-overflow"`` (`AMP_OVERFLOW`).
 
     Args:
         mode: ``"raise"``: raise the NonFiniteError (from the replay, or naming the tier-1 term with detail
@@ -647,7 +649,7 @@ class NonFiniteCallback(Callback):
             trainer.record["nonfinite"] = self._pending
             self._pending = None
         if self._overflow:
-            trainer.record.update(skipped=True, skip_reason="amp-overflow")
+            trainer.record.update(skipped=True, skip_reason=AMP_OVERFLOW)
             self._overflow = False
 
     def locate(self, trainer, batch: Any = None, rng_state: Any = None, step: int | None = None) -> NonFiniteError | None:

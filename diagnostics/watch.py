@@ -52,6 +52,7 @@ from dcal.metrics_log import METRICS_FILE, MetricsLogger, end_record
 
 from .memory.monitor import MemoryMonitor
 from .nonfinite import (
+    AMP_OVERFLOW,
     MAX_OVERFLOWS_IN_A_ROW,
     FiniteGuard,
     NonFiniteError,
@@ -478,7 +479,7 @@ class Watch:
         if scaler_enabled(self.scaler):
             scale = float(self.scaler.get_scale())
             if scale < self._scale_begin:
-                return self._skip("amp-overflow")
+                return self._skip(AMP_OVERFLOW)
         if self.accum is not None and not at_exit:
             return self._skip("optimizer.step not called")
         return None
@@ -488,7 +489,7 @@ class Watch:
             self._finish_micro()
         w = _loss_weights(self.loss_fn)
         result = self._guard.check(self.step + 1, {"w": None if w is None else w.detach()},
-                                   scaler_skipped=reason == "amp-overflow")
+                                   scaler_skipped=reason == AMP_OVERFLOW)
         if result.error is not None:
             self._fault(result.error)
         values = {"lr": float(self.optimizer.param_groups[0]["lr"]), "skipped": True, "skip_reason": reason}

@@ -8,6 +8,7 @@ import numbers
 import numpy as np
 import pandas as pd
 
+from ..nonfinite import AMP_OVERFLOW
 from ..runlog import METRICS_FILE, RunLog
 from ..selection import STATIC_JACCARD
 from ..stats import BRANCHES, fit_growth, has_values
@@ -55,6 +56,8 @@ def _nonfinite_columns(log: RunLog) -> dict:
     for source, df in (("step", log.steps), ("eval", log.evals)):
         if df.empty or "step" not in df.columns:
             continue
+        if source == "step" and "skip_reason" in df.columns:  # skipped by the GradScaler by design: not a fault
+            df = df[df["skip_reason"] != AMP_OVERFLOW]
         cols = ["loss", "grad_norm"] + [f"{k}_{b}" for b in BRANCHES for k in ("loss", "w")]
         if source == "eval":
             cols = ["loss_sa", "val_loss"]
