@@ -29,8 +29,7 @@ _PER_IMAGE = ("index", "label", "correct_sa", "correct_glca", "correct_fused", "
 
 @torch.no_grad()
 def evaluate(model: DCAL, loader: DataLoader, device: torch.device, *,
-             autocast: Callable[[], AbstractContextManager] = nullcontext, world_size: int | None = None,
-             keep_images: int = 16) -> tuple[dict, dict]:
+             autocast: Callable[[], AbstractContextManager] = nullcontext, keep_images: int = 16) -> tuple[dict, dict]:
     """Evaluate `model` (in eval mode, restored after) on every image of `loader`.
 
     Args:
@@ -39,7 +38,6 @@ def evaluate(model: DCAL, loader: DataLoader, device: torch.device, *,
             ``index`` entry, the dataset position, to put the gathered results back in order).
         device: where the forward runs.
         autocast: a context-manager factory around the forward (the trainer's mixed precision).
-        world_size: ignored (kept for callers written before the gather); the process group decides.
         keep_images: how many images (the first of the dataset) to return with their boxes.
 
     Returns:
@@ -48,7 +46,6 @@ def evaluate(model: DCAL, loader: DataLoader, device: torch.device, *,
         dataset order: rollout, local_index, label, part_mask, distractor_mask, index, and the first
         `keep_images` images with their part_box and distractor_boxes).
     """
-    del world_size
     with eval_mode(model):
         local = _run(model, loader, device, autocast, keep_images)
     results = _in_dataset_order(all_gather_objects(local))

@@ -1,4 +1,8 @@
-"""Learning-rate rules and the warmup + cosine schedule, per optimiser step (DCAL_METHOD.md §6)."""
+"""Learning-rate rules and the warmup + cosine schedule, per optimiser step (DCAL_METHOD.md §6).
+
+The schedule is torch's `LambdaLR` over `warmup_cosine`, a pure function of the step, rather than timm's
+`CosineLRScheduler`: the doctor and `dry_run_lr` recompute the LR of any step from it, and resume restores it
+exactly from the LambdaLR state."""
 from __future__ import annotations
 
 import math

@@ -15,7 +15,8 @@ import torch
 
 __all__ = ["build_sample", "BoxTransform"]
 
-# (image: PIL.Image | uint8 HWC ndarray | tensor, boxes: FloatTensor (K, 4)) -> (FloatTensor (3, H, W), boxes)
+# (image: PIL.Image | uint8 HWC ndarray | tensor, boxes: FloatTensor (K, 4)) -> (FloatTensor (3, H, W), boxes),
+# e.g. `dcal.data.transforms.BoxAware` around a torchvision v2 pipeline.
 BoxTransform = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
