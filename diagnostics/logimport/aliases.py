@@ -9,6 +9,7 @@ the eval records (`val_acc`, `val_loss`, `acc_sa`, ...), the rest to the step re
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -137,9 +138,14 @@ def resolve(label: str, default_split: str | None = None, mapping: dict[str, str
         default_split: the split when the label names none (a "Validation:" section), else training.
         mapping: the user's names, canonical → label (``--map``); checked first, by normalised label.
     """
+    return _resolve(label, default_split, tuple(mapping.items()) if mapping else ())
+
+
+@functools.lru_cache(maxsize=4096)  # a log repeats the same few labels on every line
+def _resolve(label: str, default_split: str | None, mapping: tuple) -> Label | None:
     norm = normalise(label)
     if mapping:
-        for canonical, name in mapping.items():
+        for canonical, name in mapping:
             if normalise(name) == norm:
                 return Label(canonical, canonical in EVAL_NAMES)
     words = norm.split()
@@ -160,12 +166,14 @@ def resolve(label: str, default_split: str | None = None, mapping: dict[str, str
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def resolve_setting(label: str) -> str | None:
     """The run-setting name of a label (``Gradient accumulation steps`` → ``grad_accum_steps``), or None."""
     norm = normalise(label)
     return next((name for pattern, name in _SETTINGS if pattern.match(norm)), None)
 
 
+@functools.lru_cache(maxsize=4096)
 def resolve_index(label: str) -> str | None:
     """``epoch`` or ``step`` when the label names the record index ("Train Epoch" too), else None."""
     norm = " ".join(_split(normalise(label).split())[1])

@@ -164,7 +164,8 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
     source = LogSource(format=fmt, path=path, lines=r.lines, recognised=dict(r.recognised),
                        unrecognised=dict(r.unrecognised), problems=list(r.problems), notes=notes, settings=settings)
     if r.prose_lines:
-        source.notes.append(f"{r.prose_lines} {r.unit}s of prose held no metric (skipped)")
+        source.notes.append(f"{r.prose_lines} {r.unit}s held no value that was read (prose, or only labels not "
+                            "recognised)")
     log = RunLog(path=path, steps=steps, evals=evals, config=None, end=end, source=source, step_unit=unit,
                  steps_per_epoch=spe, steps_per_epoch_source=spe_source,
                  num_classes_given=num_classes)

@@ -100,6 +100,7 @@ class _Reader:
         self.record_counter = 0
         self.lineno = 0
         self.line_split: str | None = None
+        self.values_read = 0
 
     # --- one line
     def line(self, lineno: int, raw: str) -> None:
@@ -118,23 +119,17 @@ class _Reader:
         found = self._progress(lineno, body)
         if found is not None:
             body = found
-        before = len(self._all_metrics())
+        before = self.values_read
         self._markers(body)
         if self._header(body):
             return
         self._metrics(lineno, body)
-        if len(self._all_metrics()) == before and not self._is_marker_only(body):
+        if self.values_read == before and not _MARKER.search(body):
             self.out.prose_lines += 1
-
-    def _all_metrics(self):
-        return [k for r in self.out.records.values() for k in r]
-
-    def _is_marker_only(self, body: str) -> bool:
-        return bool(_MARKER.search(body))
 
     def _progress(self, lineno: int, body: str) -> str | None:
         """A tqdm bar: note it, and return the text left to read (its description and postfix)."""
-        m = _TQDM.search(body)
+        m = _TQDM.search(body) if "%|" in body else None  # the search is slow: only where a bar can be
         if not m:
             return None
         desc = m["desc"] or ""
@@ -248,6 +243,7 @@ class _Reader:
                 st.metrics_in_line = lineno
             key = (label.eval, None, -self.record_counter)
         self.out.records.setdefault(key, {})[label.name] = (value, lineno)
+        self.values_read += 1
         self.out.last_metric_line = lineno
         if label.eval:
             self.out.last_eval_line = lineno
