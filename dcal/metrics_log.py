@@ -24,9 +24,13 @@ import torch
 
 from .callbacks import Callback
 
-__all__ = ["MetricsLogger", "end_record", "clean_record", "metrics_size", "truncate_metrics", "METRICS_FILE"]
+__all__ = ["MetricsLogger", "end_record", "clean_record", "metrics_size", "truncate_metrics", "METRICS_FILE",
+           "AMP_OVERFLOW"]
 
 METRICS_FILE = "metrics.jsonl"
+# A step record's ``skip_reason`` when the fp16 GradScaler skipped the step (its scaled gradients overflowed,
+# and it lowered its scale): by design, not a fault; the doctor passes over such steps.
+AMP_OVERFLOW = "amp-overflow"
 
 
 class MetricsLogger(Callback):

@@ -41,7 +41,15 @@ from .distributed import resolve_device, setup_distributed, teardown_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .evaluate import evaluate
 from .loss import BRANCHES, UncertaintyLoss
-from .metrics_log import METRICS_FILE, MetricsLogger, clean_record, end_record, metrics_size, truncate_metrics
+from .metrics_log import (
+    AMP_OVERFLOW,
+    METRICS_FILE,
+    MetricsLogger,
+    clean_record,
+    end_record,
+    metrics_size,
+    truncate_metrics,
+)
 from .model import DCAL
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import build_scheduler
@@ -244,7 +252,10 @@ class Trainer:
         means = {k: (v / accum).item() for k, v in sums.items()}
         grad_norm = self.grad_norm.item()
         bad = [k for k, v in {**means, "grad_norm": grad_norm}.items() if not math.isfinite(v)]
-        if bad and not self.skip_step:
+        # fp16: scaled gradients that overflow are the GradScaler's to skip (scaler.step does, and lowers its
+        # scale); only a non-finite loss, or gradients without a scaler, stop the run.
+        overflow = bad == ["grad_norm"] and self.scaler.is_enabled()
+        if bad and not self.skip_step and not overflow:
             raise NonFiniteLossError(
                 f"step {self.step + 1} (epoch {self.epoch + 1}): non-finite {', '.join(bad)} "
                 f"({', '.join(f'{k}={means.get(k, grad_norm)}' for k in bad)}); the run stops here and "
@@ -267,6 +278,8 @@ class Trainer:
         self.record.update(grad_norm=grad_norm, time=round(time.perf_counter() - start, 4))
         if self.skip_step:
             self.record["skipped"] = True
+        elif overflow:
+            self.record.update(skipped=True, skip_reason=AMP_OVERFLOW)
         self.emit("after_step")
 
     # ------------------------------------------------------------------ evaluation

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from dcal.callbacks import Callback
 from dcal.errors import NonFiniteLossError
+from dcal.metrics_log import AMP_OVERFLOW  # the skip_reason of a step the GradScaler skipped (re-exported)
 
 __all__ = ["NonFiniteError", "NonFiniteDetector", "finite_checks", "NonFiniteCallback", "describe_tensor",
            "FiniteGuard", "StepCheck", "scaler_enabled", "MAX_OVERFLOWS_IN_A_ROW", "AMP_OVERFLOW"]
@@ -45,8 +46,6 @@ MAX_OVERFLOWS_IN_A_ROW = 20
 
 # Tier-1 names of gradient terms: with an enabled GradScaler, these alone being non-finite is an overflow.
 GRADIENT_TERMS = ("grad_norm",)
-# The step record's ``skip_reason`` of a step the GradScaler skipped (not a fault; the doctor passes over it).
-AMP_OVERFLOW = "amp-overflow"
 
 # torch warns once per process about backward hooks on modules it cannot hook (a dataclass output such as
 # DCALOutput, a module whose inputs need no gradient); both are expected here and say nothing to the user.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import json
 from contextlib import nullcontext
 
 import pytest
@@ -458,3 +459,26 @@ def test_callback_under_an_enabled_scaler_marks_an_overflow_as_skipped():
     mlp.fc2.armed = True  # the gradient overflows, the loss is finite: what the scaler skips
     tr.train_step(1)
     assert tr.record["skipped"] and tr.record["skip_reason"] == "amp-overflow" and not cb.findings
+
+
+def test_a_training_run_whose_scaler_overflows_skips_those_steps(tmp_path):
+    """The trainer with an fp16-style GradScaler: steps whose scaled gradients overflow are skipped by the
+    scaler (its scale halves), recorded as such, and neither the trainer nor the callback stops the run."""
+    from dcal.config import apply_overrides, preset
+    from dcal.train import build_trainer
+    from diagnostics.doctor import diagnose
+
+    cfg = apply_overrides(preset("demo"), [
+        "model.pretrained=false", "model.timm_kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}",
+        "data.img_size=32", "data.resize_size=32", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 8, part_size: 10, mark_grid: 1, seed: 0}",
+        "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0", "train.progress=false"])
+    tr = build_trainer(cfg, tmp_path / "run", callbacks=[NonFiniteCallback()])
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # fp32 gradients × 2^127 overflow at first
+    tr.fit()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    skipped = [r["step"] for r in steps if r.get("skip_reason") == "amp-overflow"]
+    assert skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < len(steps)
+    assert tr.scaler.get_scale() == 2.0 ** (127 - len(skipped))
+    assert all(f.code != "nonfinite" for f in diagnose(tmp_path / "run"))
