@@ -12,10 +12,11 @@ hook                                   what it means for the watch
 =====================================  ==========================================================================
 ``model`` forward pre-hook             a micro-batch starts (the first forward after a backward or a step; a
                                        forward under ``torch.no_grad()`` is an evaluation and is ignored)
+``model`` forward hook                 without a criterion, the output's finite check (a scalar is the loss)
 ``loss_fn`` forward hook               the loss terms of the micro-batch (its output; its inputs when they are
                                        a list of branch losses, as `dcal.UncertaintyLoss` takes) and its
                                        labels (its arguments that carry no gradient)
-a hook on the loss tensor              the backward starts
+a hook on the loss (and the output)    the backward starts
 ``optimizer`` step pre-hook            the backward is over: tier-1 checks, gradient norm, learning rate
 ``optimizer`` step post-hook           the step is done: its record is complete
 =====================================  ==========================================================================
@@ -286,25 +287,33 @@ class Watch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        err = None
         try:
-            if exc is None and self._in_step and self._phase == "backward":
-                self._close_skipped_step(at_exit=True)
-            self._flush(check_keys=exc is None)  # a typo in keys must not hide the loop's own exception
+            if exc is None:
+                try:  # the last step, if the scaler skipped it; the keys of a one-step run
+                    if self._in_step and self._phase == "backward":
+                        self._close_skipped_step(at_exit=True)
+                    self._flush()
+                except Exception as e:  # raised below, after the end record names it
+                    err = e
+            self._flush(check_keys=False)  # a typo in keys must not hide the loop's own exception
             self._elapsed = time.perf_counter() - self._t_start
             if self._logger is not None:
-                status = "completed" if exc is None else "crashed"
+                failure = exc if exc is not None else err
                 self._write_config()
-                self._logger.after_fit(_Records(end_record=end_record(status, self.step, None, exc)))
+                self._logger.after_fit(_Records(end_record=end_record(
+                    "completed" if failure is None else "crashed", self.step, None, failure)))
         finally:
             self._detach()
+        if err is not None:
+            raise err
         return False
 
     def _attach(self) -> None:
         m, opt = self.model, self.optimizer
         self._handles.append(m.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
-        if self.loss_fn is None:
-            self._handles.append(m.register_forward_hook(self._on_model_output, with_kwargs=True))
-        else:
+        self._handles.append(m.register_forward_hook(self._on_model_output, with_kwargs=True))
+        if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
         self._handles.append(opt.register_step_pre_hook(self._on_step_pre))
         self._handles.append(opt.register_step_post_hook(self._on_step_post))
@@ -393,12 +402,15 @@ class Watch:
     def _on_model_output(self, module, args, kwargs, output) -> None:
         if not self._live() or self._micro is None:
             return None
-        scalars = _scalars(output)
-        terms = {k: v for k, v in scalars.items() if v.numel() == 1}
-        if not terms:  # not a loss: check the outputs cheaply (max |x| is non-finite iff one value is)
-            terms = {f"output {k} (max |x|)": v.detach().abs().amax() for k, v in scalars.items()}
-        self._micro["terms"].update(terms)
-        self._on_graph_output(_first_graph_tensor(output))
+        graph = _first_graph_tensor(output)
+        if self.loss_fn is None:  # the output is all there is to check (and, when a scalar, the loss)
+            scalars = _scalars(output)
+            terms = {k: v for k, v in scalars.items() if v.numel() == 1}
+            if not terms:  # not a loss: check the outputs cheaply (max |x| is non-finite iff one value is)
+                terms = {f"output {k} (max |x|)": v.detach().abs().amax() for k, v in scalars.items()}
+            self._micro["terms"].update(terms)
+            self._track(graph)
+        self._hook_backward(graph)  # also with a criterion: a loss computed without it still has a backward
         return None
 
     def _on_loss(self, module, args, kwargs, output) -> None:
@@ -407,15 +419,18 @@ class Watch:
         self._micro["terms"].update({**_branch_losses(args), **_scalars(output)})
         if self.replay is not None:
             self._micro["targets"] = tuple(a for a in args if isinstance(a, Tensor) and not a.requires_grad)
-        self._on_graph_output(_first_graph_tensor(output))
+        graph = _first_graph_tensor(output)
+        self._track(graph)
+        self._hook_backward(graph)
         return None
 
-    def _on_graph_output(self, t: Tensor | None) -> None:
-        if t is None:
-            return
-        if self._monitor is not None:
-            self._monitor.track(t)
-        self._tensor_handles.append(t.register_hook(self._on_backward_start))
+    def _track(self, t: Tensor | None) -> None:
+        if t is not None and self._monitor is not None:
+            self._monitor.track(t)  # a weak reference: the leak detector's
+
+    def _hook_backward(self, t: Tensor | None) -> None:
+        if t is not None:
+            self._tensor_handles.append(t.register_hook(self._on_backward_start))
 
     def _on_backward_start(self, grad: Tensor) -> None:
         if self._active and self._phase == "forward" and not self._guard.replaying:

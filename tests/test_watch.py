@@ -124,6 +124,23 @@ def test_memory_phases_and_fields_are_the_trainers(tmp_path):
         assert min(r[f"mem_peak_{p}_mb"] for p in ("forward", "backward", "optimizer")) > 0
 
 
+def test_without_a_criterion_the_output_is_checked_and_the_loss_can_be_logged(tmp_path):
+    model = vit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, out_dir=tmp_path) as w:
+        for i in range(4):
+            x, y = batch(i)
+            loss = F.cross_entropy(model(x), y)  # functional: no module to hook
+            (loss / 2).backward()
+            w.log(loss=loss)
+            if i % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+    recs = read(tmp_path)[:-1]
+    assert [r["micro_batches"] for r in recs] == [2, 2] and all(r["loss"] > 0 for r in recs)
+    assert w.accum == 2
+
+
 # ----------------------------------------------------------------------------- non-finite values
 def nan_loop(tmp_path, *, scaler=None, mode="raise", replay=True, persistent=False):
     model, crit = vit(), nn.CrossEntropyLoss()
