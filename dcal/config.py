@@ -52,7 +52,7 @@ class ModelConfig:
     glca_ratio: float = 0.1            # R: 0.1 for FGVC, 0.3 for Re-ID
     glca_placement: str = "stacked"
     glca_init: str | None = None       # None: "copy" when pretrained, else "random"
-    glca_pool: str = "cls"
+    glca_pool: str = "mean"            # cls | mean | local: what GLCA's head reads (README: measured on the benchmark)
     glca_selection: str = "rollout"    # rollout | uniform | random (the last two only to measure the rollout)
     pwca_detach_kv: bool = False
     drop_path_rate: float = 0.1        # stochastic depth, as in the paper

@@ -108,15 +108,15 @@ class GLCA(nn.Module):
     """Everything GLCA adds: one pre-norm block with its own weights, its own final norm and head.
 
     Args:
-        pool: what the head reads. ``"cls"`` (DCAL_METHOD.md §3): GLCA's CLS output. Note that with one
-            GLCA block the CLS output depends only on the CLS query (which attends to every token), not on
-            which local tokens were selected: the local queries' outputs never reach the logits.
-                ``"mean"``: the mean of the 1+k query outputs (CLS and the local tokens), so that the
-            selected tokens do shape the GLCA logits. ``"local"``: the mean of the k local query outputs
-            only (CLS still queries, and its output is computed, but the head does not read it).
+        pool: what the head reads (DCAL_METHOD.md §3: it must depend on the selected local queries).
+            ``"mean"`` (default): the mean of the 1+k query outputs, CLS and the k local tokens.
+            ``"local"``: the mean of the k local query outputs only (CLS still queries; the head does not
+            read it). ``"cls"``: GLCA's CLS output alone, kept for comparison: with one GLCA block the CLS
+            output depends only on the CLS query (which attends to every token), so the selection never
+            reaches the logits. The default was chosen by measurement (README, "Ablation").
     """
 
-    def __init__(self, block: nn.Module, norm: nn.Module, head: nn.Module, pool: str = "cls"):
+    def __init__(self, block: nn.Module, norm: nn.Module, head: nn.Module, pool: str = "mean"):
         super().__init__()
         if pool not in GLCA_POOLS:
             raise ConfigError(f"glca_pool must be one of {GLCA_POOLS}, got {pool!r}")
@@ -159,8 +159,8 @@ class DCAL(nn.Module):
         glca_placement: ``"stacked"`` (GLCA reads the last block's output, rollout over L blocks) or
             ``"parallel"`` (GLCA reads block L's input, rollout over L−1 blocks).
         glca_init: ``"copy"`` (GLCA starts from the last SA block, final norm and head) or ``"random"``.
-        glca_pool: ``"cls"`` (the head reads GLCA's CLS output) or ``"mean"`` (mean of the 1+k query
-            outputs); see `GLCA`.
+        glca_pool: ``"mean"`` (mean of the 1+k query outputs, the default), ``"local"`` (mean of the k
+            local outputs) or ``"cls"`` (GLCA's CLS output, which ignores the selection); see `GLCA`.
         glca_selection: how the local queries are chosen, one of `GLCA_SELECTIONS` (``"rollout"``, the
             method; ``"uniform"`` and ``"random"`` only to measure what the rollout buys).
         pwca_detach_kv: stop gradients through image 2's keys/values in PWCA (the paper is silent; off).
@@ -176,7 +176,7 @@ class DCAL(nn.Module):
         glca_ratio: float = 0.1,
         glca_placement: str = "stacked",
         glca_init: str = "random",
-        glca_pool: str = "cls",
+        glca_pool: str = "mean",
         glca_selection: str = "rollout",
         pwca_detach_kv: bool = False,
         grad_checkpointing: bool = False,
@@ -379,7 +379,7 @@ def build_model(
     glca_placement: str = "stacked",
     drop_path_rate: float = 0.1,
     glca_init: str | None = None,
-    glca_pool: str = "cls",
+    glca_pool: str = "mean",
     glca_selection: str = "rollout",
     pwca_detach_kv: bool = False,
     grad_checkpointing: bool = False,

@@ -25,7 +25,7 @@ TABLE = {
     "model.glca_ratio": ("0", "0.3"),
     "model.glca_placement": ("beside", "parallel"),
     "model.glca_init": ("zeros", "copy"),
-    "model.glca_pool": ("max", "mean"),
+    "model.glca_pool": ("max", "local"),
     "model.glca_selection": ("topk", "random"),
     "model.pwca_detach_kv": ("sometimes", "true"),
     "model.drop_path_rate": ("1", "0.2"),

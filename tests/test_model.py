@@ -217,7 +217,7 @@ def glca_on(model, x, query_index):
 
 
 def test_glca_queries_are_cls_plus_selected_tokens():
-    model = tiny(pwca=False, glca_ratio=0.25).eval()
+    model = tiny(pwca=False, glca_ratio=0.25, glca_pool="cls").eval()
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
     assert out.local_index.shape == (2, 4)
