@@ -39,6 +39,7 @@ from .memory import (
     count_graph_tensors,
     find_graph_holders,
     oom_snapshot,
+    predict_step_memory,
     record_history,
 )
 from .nonfinite import NonFiniteCallback, NonFiniteDetector, NonFiniteError, describe_tensor, finite_checks
@@ -79,6 +80,7 @@ __all__ = [
     "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
     "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
+    "predict_step_memory",
     "find_graph_holders", "oom_snapshot", "record_history",
     "NonFiniteCallback", "NonFiniteDetector", "NonFiniteError", "describe_tensor", "finite_checks",
     "watch", "Watch", "capture_attention", "AttentionCapture", "AttentionCaptureError", "attention_rollout",

@@ -446,8 +446,13 @@ def _run(model, inputs, eval_inputs, loss_fn, optimizer, amp_dtype, grad_accum_s
     modules = _ModuleStack(model)
     tracker = _CategoryTracker(("cpu",), CUDA_BLOCK_BYTES if target == "cuda" else 1, modules, stand_ins=fake)
     cuda = target == "cuda" and fake
-    saved_hook = torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.saved.add(tracker.ident(t)), t)[1],
-                                                          lambda t: t)
+    def pack(t: Tensor) -> Tensor:
+        tracker.saved.add(tracker.ident(t))
+        # detach: an alias of the same storage without the grad_fn. Returning `t` itself would make an op's
+        # saved output refer back to its own graph node: a cycle that only gc frees (a leak the step lacks).
+        return t.detach()
+
+    saved_hook = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with mode, modules, saved_hook, (_CudaAutocast() if cuda else contextlib.nullcontext()), \
             (_gpu_code_paths() if cuda else contextlib.nullcontext()):
         opt = (optimizer or _default_optimizer)(model, loss_fn)
