@@ -158,7 +158,7 @@ def _floats(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor | None:
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     total = getattr(torch.nn.utils, "get_total_norm", None)

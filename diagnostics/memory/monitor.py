@@ -16,13 +16,16 @@ from torch import Tensor
 from .leaks import LeakDetector
 from .profiler import MemoryProfiler
 
-__all__ = ["MemoryMonitor", "LEAK_SOURCES"]
+__all__ = ["MemoryMonitor", "LEAK_SOURCES", "LEAK_CHECK_EVERY"]
 
 # Sources whose "allocated" counts every live tensor, so that a leak shows in it step after step. The exact
 # CPU source counts the tensors its measured steps allocate (plus the model and optimiser), not what an
 # unmeasured step left behind, so on CPU the leak detector reads the leaked step outputs only.
 LEAK_SOURCES = ("cuda", "rss")
 
+# The memory series is fitted for growth every this many steps (a leak grows steadily: found at most this many
+# steps late, for a tenth of the cost); held step outputs are checked at every step where any is held.
+LEAK_CHECK_EVERY = 10
 # Timed plain steps before the first measured one (to know what a step costs) and how many are kept.
 PLAIN_STEPS_BEFORE_PROBE = 3
 PLAIN_STEPS_KEPT = 20
@@ -191,9 +194,10 @@ class MemoryMonitor:
             return None
         self._tracked = [(s, r) for s, r in self._tracked if r() is not None]
         held = sum(1 for s, _ in self._tracked if s < step)
-        self.leaks.update(step, mem_mb=mem_mb if self.source in LEAK_SOURCES else None, graph_tensors=held)
-        if self.leak_report is not None:
-            return None
+        mem_mb = mem_mb if self.source in LEAK_SOURCES else None
+        self.leaks.update(step, mem_mb=mem_mb, graph_tensors=held)
+        if self.leak_report is not None or not (held or (mem_mb is not None and step % LEAK_CHECK_EVERY == 0)):
+            return None  # nothing held and no memory fit due: no growth to fit
         self.leak_report = self.leaks.report(holders=True)
         return None if self.leak_report is None else describe_leak(self.leak_report)
 
