@@ -205,3 +205,19 @@ def test_dcal_memory_fit_and_largest_batch(capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["fits"] is True and res["largest_batch"] > res["batch_size"]
     assert dcal.cli.main(["memory", "--preset", "demo", "--gpu-memory", "-1"]) == 2
+
+
+def test_gpu_script_without_cuda_says_so_and_predicts(tmp_path, capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder, not a package
+    from benchmarks.gpu_memory import main as gpu_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert gpu_main(["--predict-only", "--models", "deit_tiny_patch16_224", "--sizes", "224", "--precisions",
+                     "fp16", "--batches", "2", "--variants", "sa", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_memory.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["predicted"] > 0 and "| deit_tiny_patch16_224 | sa | 224 |" in capsys.readouterr().out
