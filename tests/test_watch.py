@@ -316,6 +316,24 @@ def test_dcal_with_uncertainty_loss_gets_the_branch_names(tmp_path):
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert cfg["model"]["glca"] is True and cfg["train"]["uncertainty_bounds"] is None
 
+    # The labels go to F.cross_entropy, not to the hooked criterion: set_batch hands them to the replay.
+    def losses(out, y):
+        return [F.cross_entropy(z, y) for z in (out.sa_logits, out.glca_logits, out.pwca_logits)]
+
+    def replay(mb: MicroBatch):
+        x, y = mb.batch
+        crit(losses(model(x), y)).backward()
+
+    model.glca.head = Armed(model.glca.head)
+    model.glca.head.armed = True
+    with pytest.raises(NonFiniteError) as ei, watch(model, opt, loss_fn=crit, replay=replay) as w:
+        x, y = batch(1)
+        out = model(x)
+        w.set_batch((x, y))
+        crit(losses(out, y)).backward()
+        opt.step()
+    assert (ei.value.module, ei.value.phase) == ("glca.head", "forward")
+
 
 # ----------------------------------------------------------------------------- clean-up
 def test_100_enter_exit_cycles_leave_no_hook_and_no_tensor():
