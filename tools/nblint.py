@@ -13,6 +13,15 @@ compares (after the sanitizer's substitutions, `notebooks/nbval_sanitize.cfg`):
 Integers (no decimal point, no exponent) are exact and not checked. A cell whose numbers are exact facts
 (values transcribed from a file, printed at their source's precision) carries the tag `exact-numbers`;
 cells nbval does not compare (`nbval-ignore-output`, `nbval-skip`) are not checked either.
+
+The lint is the cheap guard `make test` runs (tests/test_notebooks.py). The direct check, for a notebook
+you regenerated: run nbval as if on another CPU, without the vector paths this one has (torch's ATen
+kernels and numpy's SIMD loops), and with another thread count:
+
+  OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=default \
+  NPY_DISABLE_CPU_FEATURES="AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX2 FMA3" \
+  .venv/bin/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+      --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/NN_name.ipynb
 """
 from __future__ import annotations
 
