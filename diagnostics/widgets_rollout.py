@@ -43,8 +43,8 @@ class RolloutExplorer:
     ``selected`` (k,) the patch indices outlined, ``k``.
     """
 
-    def __init__(self, model, images: Tensor, part_boxes=None, *, baseline_model=None, mean=None, std=None,
-                 rollout_fn: Callable | None = None, grid_size: Sequence[int] | None = None,
+    def __init__(self, model, images: Tensor, part_boxes=None, *, distractor_boxes=None, baseline_model=None,
+                 mean=None, std=None, rollout_fn: Callable | None = None, grid_size: Sequence[int] | None = None,
                  labels: tuple[str, str] = ("DCAL", "SA-only")):
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a (B, C, H, W) Tensor, got {getattr(images, 'shape', type(images).__name__)}")
@@ -58,6 +58,7 @@ class RolloutExplorer:
         self.images = images.detach().cpu()
         self.mean, self.std = mean, std
         self.part_boxes = _check_boxes(part_boxes, B, "part_boxes")
+        self.distractor_boxes = _check_boxes(distractor_boxes, B, "distractor_boxes")
         self.grid_size = model_grid(model, grid_size)
         self.patch_size = _cell_size(tuple(images.shape[-2:]), self.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -108,6 +109,7 @@ class RolloutExplorer:
             title += " · part hit" if hit else " · part missed"
         fig = plot_rollout(self.images[i : i + 1], r[None], self.grid_size, local_index=sel[None],
                            part_boxes=None if self.part_boxes is None else self.part_boxes[i : i + 1],
+                           distractor_boxes=None if self.distractor_boxes is None else self.distractor_boxes[i : i + 1],
                            titles=[title], ncols=1, mean=self.mean, std=self.std, panel_size=4.0)
         self.figure, self.png, self.selected, self.k = fig, png_bytes(fig), sel, k
         self.output.outputs = ({
@@ -121,8 +123,8 @@ class RolloutExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def rollout_explorer(model, images: Tensor, part_boxes=None, *, baseline_model=None, mean=None, std=None,
-                     rollout_fn: Callable | None = None, grid_size: Sequence[int] | None = None,
+def rollout_explorer(model, images: Tensor, part_boxes=None, *, distractor_boxes=None, baseline_model=None,
+                     mean=None, std=None, rollout_fn: Callable | None = None, grid_size: Sequence[int] | None = None,
                      labels: tuple[str, str] = ("DCAL", "SA-only")) -> RolloutExplorer:
     """Build the explorer; display it by leaving it last in a cell (or ``display(explorer.widget)``).
 
@@ -130,6 +132,7 @@ def rollout_explorer(model, images: Tensor, part_boxes=None, *, baseline_model=N
         model: the model whose rollout is shown (a `dcal.DCAL` by default; any model with a `rollout_fn`).
         images: (B, C, H, W) normalised network inputs.
         part_boxes: (B, 4) or (B, M, 4) part boxes in input pixels.
+        distractor_boxes: (B, M, 4) look-alike boxes in input pixels (all-NaN rows are padding), drawn dashed.
         baseline_model: a second model to toggle against (same grid), e.g. the SA-only baseline.
         mean, std: to un-normalise the images; default the model's (or its backbone's) ``pretrained_cfg``.
         rollout_fn: ``rollout_fn(model, images)`` → (B, P) patch scores (or a mapping with ``rollout``);
@@ -137,5 +140,6 @@ def rollout_explorer(model, images: Tensor, part_boxes=None, *, baseline_model=N
         grid_size: (rows, cols) of the patch grid; default the model's.
         labels: the toggle's names for `model` and `baseline_model`.
     """
-    return RolloutExplorer(model, images, part_boxes, baseline_model=baseline_model, mean=mean, std=std,
-                           rollout_fn=rollout_fn, grid_size=grid_size, labels=labels)
+    return RolloutExplorer(model, images, part_boxes, distractor_boxes=distractor_boxes,
+                           baseline_model=baseline_model, mean=mean, std=std, rollout_fn=rollout_fn,
+                           grid_size=grid_size, labels=labels)

@@ -326,6 +326,23 @@ def test_rollout_explorer_redraws_without_rerunning_the_model(model, images):
         plt.close("all")
 
 
+def test_rollout_explorer_draws_the_distractor_boxes(model, images):
+    part = torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(4, 1)
+    nan = float("nan")
+    dis = torch.tensor([[[16.0, 16.0, 32.0, 32.0], [0.0, 16.0, 16.0, 32.0]],
+                        [[16.0, 16.0, 32.0, 32.0], [nan, nan, nan, nan]]]).repeat(2, 1, 1)  # (4, 2, 4), padding
+    ex = rollout_explorer(model, images[:4], part, distractor_boxes=dis)
+    try:
+        assert len(rects(ex.figure, "distractor")) == 2 and len(rects(ex.figure, "part")) == 1
+        ex.image_slider.value = 1  # one real box and one padding row
+        assert len(rects(ex.figure, "distractor")) == 1
+        assert len(rects(rollout_explorer(model, images[:4], part).figure, "distractor")) == 0
+        with pytest.raises(ValueError, match="distractor_boxes must be"):
+            rollout_explorer(model, images[:4], part, distractor_boxes=dis[:3])
+    finally:
+        plt.close("all")
+
+
 # ----------------------------------------------------------------------------------------- PWCA from the model
 def _pwca_mass_by_hand(model, x, pair):
     """The old second copy of DCAL's forward (kept here as the reference the model's answer must match)."""
