@@ -283,7 +283,7 @@ print(v_info)
 #
 # The uncertainty loss is minimal at w_i = log L_i, about 1.6 for these losses (effective weight
 # e^{−w} = 1/L_i). Moving by ≈ lr per step, w needs (log L − w)/lr steps to get there; and over the seed's
-# whole 100-epoch cosine schedule it can move by at most Σlr.
+# whole 100-epoch cosine schedule it can move by about Σlr (an Adam step is ≈ lr, never much more).
 
 # %%
 w15 = base["end"][-1]
@@ -417,7 +417,7 @@ print(report(verdicts))
 #   LR it does not. The weights are similar because Adam moves each by ≈ lr per step while every
 #   L_i > e^{w_i}: with chance-level losses the replay gives the same w.
 # - Equilibrium (w = log L_i ≈ 1.6) was about 280 epochs away, and the whole 100-epoch schedule could
-#   move w by at most 0.29.
+#   move w by about 0.29.
 # - Neither clamp ever engaged (|w| ≤ 0.0835); the random init wrote to a copy that no loss uses, and even
 #   on the right copy it would only have added noise; the coupled L2 on w changed nothing visible.
 #   What was wrong with the run (the rise of the loss after epoch 4) is notebook 03's subject.
