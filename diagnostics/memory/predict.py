@@ -289,9 +289,12 @@ def _gpu_code_paths() -> Iterator[None]:
     """Code that branches on ``device.type == "cpu"`` takes its GPU branch: `dcal.layers` tiles the attention
     weights only on CPU, so the tiling threshold is lifted while predicting for CUDA (restored after)."""
     layers = sys.modules.get("dcal.layers")
-    if layers is None or not hasattr(layers, "_UNTILED_MAX_BYTES"):
+    if layers is None:  # the model is not DCAL's: nothing to switch
         yield
         return
+    if not hasattr(layers, "_UNTILED_MAX_BYTES"):
+        raise RuntimeError("predict_step_memory: dcal.layers._UNTILED_MAX_BYTES (the CPU attention-tiling "
+                           "threshold) is gone; update diagnostics/memory/predict.py::_gpu_code_paths")
     saved = layers._UNTILED_MAX_BYTES
     layers._UNTILED_MAX_BYTES = math.inf
     try:
