@@ -17,9 +17,14 @@ from .model import DCAL, build_model
 from .schedule import build_scheduler
 
 __all__ = ["build_datasets", "build_loaders", "normalisation", "model_from_config", "active_branches",
-           "build_optimizer", "dry_run_lr", "EVAL_BATCH_SIZE"]
+           "build_optimizer", "dry_run_lr", "EVAL_BATCH_SIZE", "eval_batch_size"]
 
 EVAL_BATCH_SIZE = 64  # at least this many images per eval batch: no gradients, so memory allows more
+
+
+def eval_batch_size(train_batch_size: int) -> int:
+    """The evaluation loader's batch for a training micro-batch (`dcal memory` predicts the same one)."""
+    return max(train_batch_size, EVAL_BATCH_SIZE)
 log = logging.getLogger("dcal.train")
 
 
@@ -61,7 +66,7 @@ def build_loaders(cfg: Config, train_ds: Dataset, test_ds: Dataset, *, rank: int
         test_sampler = SequentialSampler(test_ds)
     kw = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=train_sampler, drop_last=True, **kw)
-    eval_loader = DataLoader(test_ds, batch_size=max(t.batch_size, EVAL_BATCH_SIZE), sampler=test_sampler, **kw)
+    eval_loader = DataLoader(test_ds, batch_size=eval_batch_size(t.batch_size), sampler=test_sampler, **kw)
     return train_loader, eval_loader
 
 

@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["run", "predict_config", "fits_on_gpu", "CUDA_CONTEXT_BYTES", "FRAGMENTATION", "EVAL_BATCH_MIN"]
+from dcal.build import eval_batch_size
+
+__all__ = ["run", "predict_config", "fits_on_gpu", "CUDA_CONTEXT_BYTES", "FRAGMENTATION"]
 
 GiB = 2 ** 30
 CUDA_CONTEXT_BYTES = GiB // 2  # the CUDA context and kernels' module images, outside PyTorch's counters
 FRAGMENTATION = 0.10  # reserved-but-unallocated share of the peak (the seed's OOM log: 8.9 %), rounded up
-EVAL_BATCH_MIN = 64  # dcal.train.build_trainer's evaluation loader uses batch max(train.batch_size, 64)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _AMP_TO_PRECISION = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _MAX_BATCH_TRIES = 6  # predictions spent verifying the largest batch after the linear estimate
@@ -112,7 +113,7 @@ def predict_config(cfg, num_classes: int, precision: str, *, batch_size: int | N
     return predict_step_memory(
         model, (b, 3, img, img), loss_fn=loss, optimizer=lambda m, lf: build_optimizer(cfg, m, lf.uncertainty),
         amp_dtype=PRECISIONS[precision], grad_accum_steps=cfg.train.grad_accum_steps, target=target,
-        eval_inputs=(max(b, EVAL_BATCH_MIN), 3, img, img) if evaluate else None)
+        eval_inputs=(eval_batch_size(b), 3, img, img) if evaluate else None)
 
 
 def _worst(pred) -> int:
@@ -136,7 +137,7 @@ def _largest_batch(cfg, num_classes: int, precision: str, gpu_bytes: int, first,
     b = max(lo, math.floor(b1 + (budget - first.peak_bytes - max(leftover, 0)) / slope))
     for _ in range(_MAX_BATCH_TRIES):
         # The evaluation batch is max(b, 64): below 64 its peak is the one already predicted.
-        same_eval = max(b, EVAL_BATCH_MIN) == max(b1, EVAL_BATCH_MIN)
+        same_eval = eval_batch_size(b) == eval_batch_size(b1)
         pred = predict_config(cfg, num_classes, precision, batch_size=b, target=target, evaluate=not same_eval)
         worst = _worst(pred) if not same_eval else max(pred.peak_bytes + leftover, first.eval_peak_bytes)
         if fits_on_gpu(worst, gpu_bytes):
@@ -185,7 +186,7 @@ def run(args) -> int:
     res = {
         "preset": args.preset, "model": cfg.model.backbone, "img_size": cfg.data.img_size,
         "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-        "eval_batch_size": max(cfg.train.batch_size, EVAL_BATCH_MIN), "precision": precision, "target": args.target,
+        "eval_batch_size": eval_batch_size(cfg.train.batch_size), "precision": precision, "target": args.target,
         "peak_bytes": pred.peak_bytes, "peak_phase": pred.peak_phase, "eval_peak_bytes": pred.eval_peak_bytes,
         "train_after_eval_peak_bytes": pred.train_after_eval_peak_bytes,
         "train_composition": pred.train[pred.peak_phase].composition,
