@@ -30,7 +30,7 @@ PRESENT = [n for n in NAMES if (NB_DIR / f"{n}.ipynb").exists()]
 # Notebooks whose stored outputs predate the output lint: to be fixed when the notebook is regenerated.
 # strict xfail: a regenerated notebook that passes makes this test fail until its name leaves the list.
 PRINT_PRECISION_PENDING = {"00_quickstart", "01_learning_rate", "02_memory", "03_accuracy_collapse",
-                           "05_attention_glca_pwca", "06_diagnose_a_run"}
+                           "06_diagnose_a_run"}
 SEED_DIR = NB_DIR / "seed_evidence"
 SHARED_SEED = ROOT.parent / "shared" / "seed"
 
