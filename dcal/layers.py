@@ -5,6 +5,10 @@ SA, GLCA and PWCA differ only in which queries meet which keys.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,6 +18,7 @@ from .errors import ConfigError, RolloutError
 
 __all__ = [
     "check_block",
+    "untiled_attention",
     "qkv",
     "attention_output",
     "head_mean_attention",
@@ -71,6 +76,21 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # (3.7 MB) one untiled pass was faster. GPUs: one pass.
 _TILE_BYTES = 2 << 20
 _UNTILED_MAX_BYTES = 8 << 20
+
+
+@contextlib.contextmanager
+def untiled_attention() -> Iterator[None]:
+    """Within the block, CPU computes the attention weights in one pass, as a GPU does (no tiling).
+
+    Same numbers either way; what changes is which intermediate tensors exist. `diagnostics.predict_step_memory`
+    uses it to count a GPU step's memory on CPU/meta tensors.
+    """
+    global _UNTILED_MAX_BYTES
+    saved, _UNTILED_MAX_BYTES = _UNTILED_MAX_BYTES, math.inf
+    try:
+        yield
+    finally:
+        _UNTILED_MAX_BYTES = saved
 
 
 def _tile_rows(q: Tensor, keys: int | None = None) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -292,15 +291,8 @@ def _gpu_code_paths() -> Iterator[None]:
     if layers is None:  # the model is not DCAL's: nothing to switch
         yield
         return
-    if not hasattr(layers, "_UNTILED_MAX_BYTES"):
-        raise RuntimeError("predict_step_memory: dcal.layers._UNTILED_MAX_BYTES (the CPU attention-tiling "
-                           "threshold) is gone; update diagnostics/memory/predict.py::_gpu_code_paths")
-    saved = layers._UNTILED_MAX_BYTES
-    layers._UNTILED_MAX_BYTES = math.inf
-    try:
+    with layers.untiled_attention():
         yield
-    finally:
-        layers._UNTILED_MAX_BYTES = saved
 
 
 # ============================================================================ the step
