@@ -29,7 +29,7 @@ NAMES = ["00_quickstart", "01_learning_rate", "02_memory", "03_accuracy_collapse
 PRESENT = [n for n in NAMES if (NB_DIR / f"{n}.ipynb").exists()]
 # Notebooks whose stored outputs predate the output lint: to be fixed when the notebook is regenerated.
 # strict xfail: a regenerated notebook that passes makes this test fail until its name leaves the list.
-PRINT_PRECISION_PENDING = {"01_learning_rate", "03_accuracy_collapse"}
+PRINT_PRECISION_PENDING: set[str] = set()
 SEED_DIR = NB_DIR / "seed_evidence"
 SHARED_SEED = ROOT.parent / "shared" / "seed"
 
