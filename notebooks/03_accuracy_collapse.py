@@ -265,11 +265,11 @@ shown
 
 # %%
 l2, aw = stats["adam_l2"], stats["adamw"]
-assert (l2["best at step"] <= 20).all() and (l2["final / best"] < COLLAPSE_FRACTION).all()
+assert (l2["best at step"] <= STEPS // 2).all() and (l2["final / best"] < COLLAPSE_FRACTION).all()
 assert (aw["final acc"] > l2["final acc"].max()).all() and (l2["loss rise"] > 0.02).all()
 
 # %% [markdown]
-# Under Adam + L2 + clipping every seed rises within the first 20 steps (a few seconds of CPU) and then falls below
+# Under Adam + L2 + clipping every seed rises in the first half of the run (a few seconds of CPU) and then falls below
 # half its best while the training loss climbs at a flat LR: the seed's shape. Under AdamW, identical but for the
 # decoupled decay, the same runs rise further and stay.
 #
@@ -345,11 +345,11 @@ shown_fix.loc["steps until Σθ² halves"] = [fmt(h, "steps") for h in (half_l2,
 shown_fix
 
 # %%
-assert (half_fix < half_l2).all() and fix["best acc"].max() < 3 / C < l2["best acc"].min()
+assert (half_fix < half_l2).all() and fix["best acc"].max() < 2 / C < l2["best acc"].min()
 
 # %% [markdown]
 # The seed's fix does not fix it: the weights halve their squared norm in less than half the steps, and the accuracy
-# never gets away from chance (its best evaluation stays below 3× chance; by step 10 the warm-up has already spent
+# never gets away from chance (its best evaluation stays below 2× chance; by step 10 the warm-up has already spent
 # more than the seed's whole Σlr).
 # Nothing about it addresses the coupling.
 #
@@ -441,13 +441,13 @@ assert bwd["plain run"][1] is None and "SqrtBackward0" in bwd["detect_anomaly"][
 #
 # ## Verdicts
 #
-# Thresholds: the accuracy "rises" when its best evaluation is above 3× chance (0.3; one standard error on 100 test
-# images is ≤ 0.05); it "falls" when the last evaluation is below half the best (the doctor's `COLLAPSE_FRACTION`);
+# Thresholds: the accuracy "rises" when its best evaluation is above 2× chance (0.2, what notebook 01 calls learning;
+# one standard error on 100 test images is ≤ 0.05); it "falls" when the last evaluation is below half the best (the doctor's `COLLAPSE_FRACTION`);
 # a fix "helps" when it raises the final accuracy by more than 0.1 (two standard errors); erosion is "faster" when
 # Σθ² halves in fewer steps (ratio of steps > 1). Spreads are standard deviations over the 3 seeds, floored at 0.01.
 
 # %% tags=["nbval-ignore-output"]
-RISE, HELPS = 3 / C, 0.1
+RISE, HELPS = 2 / C, 0.1
 
 
 def diff(a, b):
