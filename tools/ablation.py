@@ -1,9 +1,11 @@
-"""The ablation table of the README: SA-only, SA+GLCA, SA+PWCA, DCAL (and DCAL from scratch) on the
-embedded benchmark, the demo preset's budget, mean ± std over seeds; plus chance and the linear baselines.
+"""The ablation table of the README: SA-only, SA+PWCA, SA+GLCA and DCAL with each GLCA head, DCAL with the seed's
+uniform fallback and with random local queries, and DCAL from scratch, on the embedded benchmark at the demo
+preset's budget, mean ± std over seeds (final and first-epoch numbers); plus chance and the linear baselines.
 
-  python tools/ablation.py [--seeds 0 1 2] [--jobs 2] [--out runs/ablation]
+  python tools/ablation.py [--seeds 0 1 2] [--jobs 2] [--out runs/ablation] [--only NAME ...]
 
-Each run is `dcal train --preset demo --seed S` with the variant's switches, one thread per process.
+Each run is `dcal train --preset demo --seed S` with the variant's switches, one thread per process; finished
+runs (a run folder with its metrics.jsonl) are read, not run again.
 """
 from __future__ import annotations
 
