@@ -16,8 +16,29 @@ from .runlog import METRICS_FILE, RunLog, RunLogError, load_run
 
 __all__ = ["RunExplorer", "run_explorer"]
 
+MAX_DEFAULT_METRICS = 4  # more curves than this in one default view are hard to read
+
 
 # --- run explorer
+
+def _sources(runs) -> dict[str, Path | RunLog]:
+    """What the explorer shows, by dropdown value: run folders found by `_find_runs`, or `RunLog`s (from
+    `diagnostics.import_log`: any training log) keyed by their path; a list may mix both."""
+    if isinstance(runs, RunLog):
+        runs = [runs]
+    if isinstance(runs, (str, Path)):
+        return {str(p): p for p in _find_runs(runs)}
+    runs = list(runs)
+    folders = _find_runs([r for r in runs if not isinstance(r, RunLog)]) if any(
+        not isinstance(r, RunLog) for r in runs) else []
+    out = {str(p): p for p in folders}
+    out.update({str(r.path): r for r in runs if isinstance(r, RunLog)})
+    if not out:
+        raise ValueError("run_explorer: no runs given")
+    if len(out) < len(runs):
+        raise ValueError("run_explorer: two runs share a path; give each run once")
+    return out
+
 
 def _find_runs(runs_root_or_dirs) -> list[Path]:
     """Run folders: the folder itself if it holds metrics.jsonl, else its sub-folders (two levels) that do;
@@ -55,10 +76,11 @@ class RunExplorer:
     """A dropdown of runs, a view toggle (curves or uncertainty weights) and a multi-select of metrics
     over an `Output`; `update()` redraws and returns the Figure (also kept as ``figure``, with ``png``)."""
 
-    def __init__(self, runs_root_or_dirs: str | Path | Sequence[str | Path]):
-        self.runs = _find_runs(runs_root_or_dirs)
-        labels = [(str(p.name) if len({q.name for q in self.runs}) == len(self.runs) else str(p), str(p))
-                  for p in self.runs]
+    def __init__(self, runs: str | Path | RunLog | Sequence[str | Path | RunLog]):
+        self.sources = _sources(runs)
+        self.runs = [Path(k) for k in self.sources]
+        unique = len({p.name for p in self.runs}) == len(self.runs)
+        labels = [(p.name if unique else str(p), str(p)) for p in self.runs]
         self.run = widgets.Dropdown(options=labels, value=str(self.runs[0]), description="run")
         self.view = widgets.ToggleButtons(options=["curves", "uncertainty"], value="curves", description="view")
         self.metrics = widgets.SelectMultiple(options=[], description="metrics", rows=8)
@@ -78,15 +100,18 @@ class RunExplorer:
         self.update()
 
     def _load(self) -> None:
+        source = self.sources[self.run.value]
         try:
-            self.log = load_run(self.run.value)
+            self.log = source if isinstance(source, RunLog) else load_run(source)
         except (FileNotFoundError, RunLogError) as e:
             self.log = None
             self.note.value = f"<b>cannot read this run:</b> {e}"
             return
         options = _metric_options(self.log)
         keep = [m for m in self.metrics.value if m in options]
-        default = [m for m in DEFAULT_LOSSES + DEFAULT_ACCURACIES if m in options]
+        # DCAL's branch losses and accuracies when the run has them; a log from another trainer: its own
+        # first columns (MAX_DEFAULT_METRICS), so that something is drawn before the user picks
+        default = [m for m in DEFAULT_LOSSES + DEFAULT_ACCURACIES if m in options] or options[:MAX_DEFAULT_METRICS]
         self._loading = True  # setting options resets the value: redraw once, after both are set
         try:
             self.metrics.options = options
@@ -119,7 +144,7 @@ class RunExplorer:
         return fig
 
 
-def run_explorer(runs_root_or_dirs: str | Path | Sequence[str | Path]) -> widgets.VBox:
+def run_explorer(runs: str | Path | RunLog | Sequence[str | Path | RunLog]) -> widgets.VBox:
     """A run explorer widget (a VBox; its `RunExplorer` is ``.explorer``) over a folder of runs, a single
-    run folder, or a list of run folders."""
-    return RunExplorer(runs_root_or_dirs).widget
+    run folder, a list of run folders, or `RunLog`s imported from any training log (`diagnostics.import_log`)."""
+    return RunExplorer(runs).widget

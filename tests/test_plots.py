@@ -176,3 +176,20 @@ def test_run_explorer(tmp_path):
     (tmp_path / "empty_root").mkdir()
     with pytest.raises(FileNotFoundError, match="no run folder"):
         run_explorer(tmp_path / "empty_root")
+
+
+def test_run_explorer_takes_an_imported_log(tmp_path):
+    """A log from any trainer (here a CSV), imported with `import_log`, beside one of our run folders."""
+    from diagnostics import import_log
+    from diagnostics.widgets import run_explorer
+
+    csv = tmp_path / "their_run.csv"
+    csv.write_text("epoch,loss,val_acc\n" + "".join(f"{e},{2.3 - 0.2 * e},{0.1 + 0.05 * e}\n" for e in range(1, 9)))
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    ex = run_explorer([import_log(csv), tmp_path / "ours"]).explorer
+    assert [p.name for p in ex.runs] == ["ours", "their_run.csv"]
+    ex.run.value = str(csv)
+    assert ex.log.name == "their_run.csv" and "loss" in ex.metrics.options and ex.png.startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="no runs"):
+        run_explorer([])
