@@ -32,8 +32,8 @@ THREADS = 1
 # few hundred steps; stage 2 is the relational pretrain task (look-alike marks carrying random class
 # glyphs, `distractor_glyphs=random`), where the model is asked to find the mark on the object's head. Both
 # use the pretrain glyph family: no benchmark glyph, decoy, image or label is ever seen. Stage 2 is pinned
-# to "random" (the benchmark's default became "decoy" later) so that `dcal pretrain` still reproduces the
-# shipped weights; fine-tuning from them reaches the demo's goals on the decoy benchmark (README).
+# to "random" (the benchmark's default became "decoy" later) so that `dcal pretrain` still trains on the
+# shipped weights' data; fine-tuning from them reaches the demo's goals on the decoy benchmark (README).
 STAGES = (
     ("features", ["data.synthetic.num_distractors=3", "data.synthetic.distractor_glyphs=class", "train.epochs=1",
                   "train.warmup_epochs=0.2", "data.synthetic.seed=1001"]),
