@@ -102,22 +102,30 @@ _MIN_DIST_PRETRAIN = 6  # Hamming distance between two pretrain glyphs
 _MIN_DIST_BENCHMARK = 6  # Hamming distance from any benchmark glyph and its one-cell shifts: other shapes
 
 
+_HALF_CELLS = [(r, c) for r in range(GRID) for c in range(GRID // 2)]  # left half; mirrored to the right
+
+
+def _random_symmetric_glyph(rng: np.random.Generator) -> np.ndarray:
+    """A random left-right symmetric glyph with INK_CELLS cells: mirrored pairs plus an odd number of
+    centre-column cells (INK_CELLS = 2 * pairs + centre)."""
+    n_centre = int(rng.choice([1, 3, 5]))
+    n_pairs = (INK_CELLS - n_centre) // 2
+    g = np.zeros((GRID, GRID), dtype=bool)
+    for i in rng.choice(len(_HALF_CELLS), size=n_pairs, replace=False):
+        r, c = _HALF_CELLS[i]
+        g[r, c] = g[r, GRID - 1 - c] = True
+    g[rng.choice(GRID, size=n_centre, replace=False), GRID // 2] = True
+    return g
+
+
 @functools.lru_cache(maxsize=1)
 def _pretrain_pool() -> np.ndarray:
     """(_PRETRAIN_MAX, GRID, GRID) bool: deterministic random symmetric 9-cell glyphs."""
     rng = np.random.default_rng(_PRETRAIN_POOL_SEED)
     forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)]
-    half_cells = [(r, c) for r in range(GRID) for c in range(GRID // 2)]  # left half; mirrored to the right
     pool: list[np.ndarray] = []
     for _ in range(200_000):
-        # INK_CELLS = 2 * pairs + centre-column cells, centre count odd
-        n_centre = int(rng.choice([1, 3, 5]))
-        n_pairs = (INK_CELLS - n_centre) // 2
-        g = np.zeros((GRID, GRID), dtype=bool)
-        for i in rng.choice(len(half_cells), size=n_pairs, replace=False):
-            r, c = half_cells[i]
-            g[r, c] = g[r, GRID - 1 - c] = True
-        g[rng.choice(GRID, size=n_centre, replace=False), GRID // 2] = True
+        g = _random_symmetric_glyph(rng)
         if any(int((g ^ f).sum()) < _MIN_DIST_BENCHMARK for f in forbidden):
             continue
         if any(int((g ^ p).sum()) < _MIN_DIST_PRETRAIN for p in pool):
@@ -157,17 +165,10 @@ def _decoy_pool() -> np.ndarray:
     """(2 * _DECOYS_PER_FAMILY, GRID, GRID) bool: deterministic random symmetric 9-cell decoy glyphs."""
     rng = np.random.default_rng(_DECOY_POOL_SEED)
     forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)] + list(_pretrain_pool())
-    half_cells = [(r, c) for r in range(GRID) for c in range(GRID // 2)]
     need = _DECOYS_PER_FAMILY * len(_DECOY_FAMILIES)
     pool: list[np.ndarray] = []
     for _ in range(200_000):
-        n_centre = int(rng.choice([1, 3, 5]))
-        n_pairs = (INK_CELLS - n_centre) // 2
-        g = np.zeros((GRID, GRID), dtype=bool)
-        for i in rng.choice(len(half_cells), size=n_pairs, replace=False):
-            r, c = half_cells[i]
-            g[r, c] = g[r, GRID - 1 - c] = True
-        g[rng.choice(GRID, size=n_centre, replace=False), GRID // 2] = True
+        g = _random_symmetric_glyph(rng)
         if any(int((g ^ f).sum()) < _MIN_DIST_DECOY for f in forbidden + pool):
             continue
         pool.append(g)
