@@ -118,26 +118,35 @@ def _random_symmetric_glyph(rng: np.random.Generator) -> np.ndarray:
     return g
 
 
-@functools.lru_cache(maxsize=1)
-def _pretrain_pool() -> np.ndarray:
-    """(_PRETRAIN_MAX, GRID, GRID) bool: deterministic random symmetric 9-cell glyphs."""
-    rng = np.random.default_rng(_PRETRAIN_POOL_SEED)
-    forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)]
+def _draw_pool(seed: int, need: int, forbidden: list[np.ndarray], min_forbidden: int, min_pool: int,
+               name: str) -> np.ndarray:
+    """(need, GRID, GRID) bool: random symmetric glyphs drawn in order from ``default_rng(seed)``, each kept
+    when it is at Hamming distance >= min_forbidden from every forbidden glyph and >= min_pool from those
+    kept before it."""
+    rng = np.random.default_rng(seed)
     pool: list[np.ndarray] = []
     for _ in range(200_000):
         g = _random_symmetric_glyph(rng)
-        if any(int((g ^ f).sum()) < _MIN_DIST_BENCHMARK for f in forbidden):
+        if any(int((g ^ f).sum()) < min_forbidden for f in forbidden):
             continue
-        if any(int((g ^ p).sum()) < _MIN_DIST_PRETRAIN for p in pool):
+        if any(int((g ^ p).sum()) < min_pool for p in pool):
             continue
         pool.append(g)
-        if len(pool) == _PRETRAIN_MAX:
+        if len(pool) == need:
             break
-    if len(pool) < _PRETRAIN_MAX:
-        raise RuntimeError(f"could only build {len(pool)} pretrain glyphs, need {_PRETRAIN_MAX}")
+    if len(pool) < need:
+        raise RuntimeError(f"could only build {len(pool)} {name} glyphs, need {need}")
     for i, g in enumerate(pool):
-        _check_glyph(f"pretrain_{i}", g)
+        _check_glyph(f"{name}_{i}", g)
     return np.stack(pool)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrain_pool() -> np.ndarray:
+    """(_PRETRAIN_MAX, GRID, GRID) bool: deterministic random symmetric 9-cell glyphs."""
+    forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)]
+    return _draw_pool(_PRETRAIN_POOL_SEED, _PRETRAIN_MAX, forbidden, _MIN_DIST_BENCHMARK, _MIN_DIST_PRETRAIN,
+                      "pretrain")
 
 
 def pretrain_glyphs(num_classes: int) -> tuple[list[str], np.ndarray]:
@@ -163,22 +172,9 @@ _MIN_DIST_DECOY = 4  # Hamming distance from every class glyph of both families,
 @functools.lru_cache(maxsize=1)
 def _decoy_pool() -> np.ndarray:
     """(2 * _DECOYS_PER_FAMILY, GRID, GRID) bool: deterministic random symmetric 9-cell decoy glyphs."""
-    rng = np.random.default_rng(_DECOY_POOL_SEED)
     forbidden = [s for g in BENCHMARK_GLYPHS.values() for s in _shifted(g)] + list(_pretrain_pool())
     need = _DECOYS_PER_FAMILY * len(_DECOY_FAMILIES)
-    pool: list[np.ndarray] = []
-    for _ in range(200_000):
-        g = _random_symmetric_glyph(rng)
-        if any(int((g ^ f).sum()) < _MIN_DIST_DECOY for f in forbidden + pool):
-            continue
-        pool.append(g)
-        if len(pool) == need:
-            break
-    if len(pool) < need:
-        raise RuntimeError(f"could only build {len(pool)} decoy glyphs, need {need}")
-    for i, g in enumerate(pool):
-        _check_glyph(f"decoy_{i}", g)
-    return np.stack(pool)
+    return _draw_pool(_DECOY_POOL_SEED, need, forbidden, _MIN_DIST_DECOY, _MIN_DIST_DECOY, "decoy")
 
 
 def decoy_glyphs(family: str) -> np.ndarray:
