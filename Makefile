@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dcal demo
+	$(PY) -m dcal_app demo
 
 # The whole suite: unit/invariant tests, then every notebook under nbval (outputs compared).
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600
@@ -29,7 +29,7 @@ notebooks: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
-LINT_PATHS := dcal diagnostics tests benchmarks tools notebooks/*.py
+LINT_PATHS := dcal diagnostics dcal_app dcal_studies tests benchmarks tools notebooks/*.py
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 

@@ -3,7 +3,7 @@
 Every tool works standalone (a context manager or a function) and as a `dcal.callbacks.Callback`;
 plotting helpers are pure (data in, a matplotlib Figure out); nothing here changes the model's numbers.
 """
-from . import doctor, verdicts
+from . import doctor
 from .attention import (
     RolloutCallback,
     dcal_rollout,
@@ -49,7 +49,6 @@ from .selection import (
     selection_jaccard,
     selection_onehot,
     selection_stats,
-    uniform_fallback_selection,
 )
 from .watch import Watch, watch
 
@@ -74,9 +73,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
-    "random_selection", "selection_jaccard", "selection_onehot", "selection_stats", "uniform_fallback_selection",
-    "RolloutExplorer", "rollout_explorer", "default_callbacks",
-    "doctor", "verdicts", "Finding", "diagnose", "import_log", "LogImportError", "RunLog", "RunLogError", "load_run", "read_metrics",
+    "random_selection", "selection_jaccard", "selection_onehot", "selection_stats",
+    "RolloutExplorer", "rollout_explorer",
+    "doctor", "Finding", "diagnose", "import_log", "LogImportError", "RunLog", "RunLogError", "load_run", "read_metrics",
     "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
     "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
     "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
@@ -87,8 +86,3 @@ __all__ = [
     "vit_rollout", "dcal_rollout",
 ]
 
-
-def default_callbacks() -> list:
-    """The diagnostics a `dcal train` run attaches: tier-1/2 NaN checks, memory per step (sampled on
-    CPU to stay within 2% of a step), rollout/selection statistics and a probe figure per evaluation."""
-    return [NonFiniteCallback(), MemoryCallback(), RolloutCallback()]

@@ -12,8 +12,7 @@ from torch import Tensor
 
 from dcal.metrics import chance_hit_rate, hits
 
-__all__ = ["selection_stats", "selection_jaccard", "selection_onehot", "uniform_fallback_selection",
-           "random_selection"]
+__all__ = ["selection_stats", "selection_jaccard", "selection_onehot", "random_selection"]
 
 STATIC_JACCARD = 0.9  # mean pairwise Jaccard at or above this: (almost) the same set for every image
 
@@ -113,7 +112,7 @@ def selection_stats(
     return out
 
 
-def _check_bpk(B: int, P: int, k: int) -> None:
+def check_bpk(B: int, P: int, k: int) -> None:
     for name, v in (("B", B), ("P", P), ("k", k)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -121,17 +120,8 @@ def _check_bpk(B: int, P: int, k: int) -> None:
         raise ValueError(f"k={k} exceeds the number of patches P={P}")
 
 
-def uniform_fallback_selection(B: int, P: int, k: int) -> Tensor:
-    """What the seed system selected when the rollout was missing: ``torch.ones(B, P).topk(k)`` → (B, k).
-
-    Top-k of equal scores returns the same indices for every image (whichever ones the kernel's tie
-    breaking yields), which is what makes the fallback silently static.
-    """
-    _check_bpk(B, P, k)
-    return torch.ones(B, P).topk(k, dim=1).indices
-
 
 def random_selection(B: int, P: int, k: int, generator: torch.Generator | None = None) -> Tensor:
     """k distinct patches per image drawn uniformly at random (the paper's "random local queries"): (B, k)."""
-    _check_bpk(B, P, k)
+    check_bpk(B, P, k)
     return torch.rand(B, P, generator=generator).topk(k, dim=1).indices

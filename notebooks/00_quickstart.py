@@ -37,6 +37,7 @@ np.random.seed(0)
 random.seed(0)
 
 import dcal
+import dcal_app
 import diagnostics
 from dcal.config import PRETRAINED_DIR, apply_overrides, preset
 from dcal.metrics import patches_in_boxes
@@ -97,7 +98,7 @@ torch.testing.assert_close(probs.sum(-1), torch.full((4,), 2.0))
 # ## 2. Fine-tune briefly on the embedded benchmark
 #
 # The `demo` preset, shrunk to 40 training images per class and 3 epochs (36 optimiser steps, linear LR
-# rule, warmup of one epoch), starting from the shipped backbone. `diagnostics.default_callbacks()` attaches
+# rule, warmup of one epoch), starting from the shipped backbone. `dcal_app.default_callbacks()` attaches
 # the NaN/Inf checks, the memory log and the rollout statistics to every evaluation. The full demo
 # (`make demo`: 496 steps) reaches test accuracy 1.00; here a few seconds are enough to see it learn.
 
@@ -106,7 +107,7 @@ cfg = apply_overrides(preset("demo"), [
     "data.synthetic={num_classes: 10, train_per_class: 40, test_per_class: 20, seed: 0}",
     "train.epochs=3", "train.progress=true", "train.seed=0", f"model.pretrained={WEIGHTS}",
 ])
-trainer = build_trainer(cfg, tempfile.mkdtemp(prefix="dcal_quickstart_"), callbacks=diagnostics.default_callbacks())
+trainer = build_trainer(cfg, tempfile.mkdtemp(prefix="dcal_quickstart_"), callbacks=dcal_app.default_callbacks())
 print({k: cfg.derived[k] for k in ("global_batch", "lr", "steps_per_epoch", "total_steps", "warmup_steps")})
 assert cfg.model.pretrained == str(WEIGHTS) and cfg.derived["total_steps"] == 36
 
@@ -202,7 +203,7 @@ explorer.widget
 # * `dcal.build_model` wraps a timm ViT: the SA branch is the timm model, GLCA adds one block with its own
 #   norm and head (here one block of four, so a large share of this tiny backbone; about +9% on DeiT-Tiny),
 #   PWCA adds nothing at inference.
-# * `dcal.train.build_trainer(cfg, out_dir, callbacks=diagnostics.default_callbacks())` runs a
+# * `dcal.train.build_trainer(cfg, out_dir, callbacks=dcal_app.default_callbacks())` runs a
 #   configuration with the diagnostics attached; `evaluate` reports SA, GLCA and fused accuracy and the
 #   part / distractor hit-rates against chance.
 # * `diagnostics.plot_rollout` and `diagnostics.rollout_explorer` show where the rollout puts GLCA's

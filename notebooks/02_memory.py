@@ -46,9 +46,9 @@ import dcal
 import diagnostics
 from dcal.config import SMALL_VIT, apply_overrides, preset
 from dcal.train import build_datasets, normalisation
+from dcal_studies.predecessor import PredecessorDCAL, predecessor_case
+from dcal_studies.verdicts import CONFIRMED, NOT_REPRODUCED, NUANCED, REFUTED, Verdict, combine, judge, report
 from diagnostics.memory import measure_step_memory, predict_step_memory
-from diagnostics.memory.seed import SeedLikeDCAL, seed_case
-from diagnostics.verdicts import CONFIRMED, NOT_REPRODUCED, NUANCED, REFUTED, Verdict, combine, judge, report
 
 GiB, MiB = 2**30, 2**20
 SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
@@ -117,14 +117,14 @@ assert rounded / MiB == oom["tried_to_allocate_mib"]
 #
 # `diagnostics.memory.predict_step_memory` runs a training step on meta tensors (no weight, no data: shapes
 # only) under the same live-tensor tracker that measures CPU steps, with the CUDA allocator's block rounding and
-# CUDA autocast's fp32 softmax. `seed_case` runs it on `SeedLikeDCAL` — the seed's design: eager attention, a
+# CUDA autocast's fp32 softmax. `predecessor_case` runs it on `PredecessorDCAL` — the seed's design: eager attention, a
 # second SA pass for PWCA's image 2, full N × N rollout products, and the maps of the last evaluation forward kept
 # on the module (`self.attention_maps`) — and on `dcal`'s DCAL, at the seed's setting: ViT-B/16, 448 px, batch 4,
 # FP16, C = 200, Adam. Three peaks each: a training step in mid-epoch, an evaluation step, and the first training
 # step after an evaluation.
 
 # %%
-case = seed_case(batch_size=run["batch_physical"], img_size=run["img_size"], amp_dtype=torch.float16)
+case = predecessor_case(batch_size=run["batch_physical"], img_size=run["img_size"], amp_dtype=torch.float16)
 
 
 def peaks(pred) -> dict:
@@ -177,7 +177,7 @@ def seed_loss(out):
 
 torch.manual_seed(0)
 x4 = torch.randn(4, 3, 224, 224)
-tiny_seed = SeedLikeDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
+tiny_seed = PredecessorDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
 tiny_ours = dcal.build_model("deit_tiny_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.0)
 measured = {"seed's design": measure_step_memory(tiny_seed, x4, loss_fn=seed_loss, optimizer=adam, eval_inputs=(x4,)),
             "dcal": measure_step_memory(tiny_ours, x4, eval_inputs=(x4,))}
@@ -186,7 +186,7 @@ pd.DataFrame({name: {k: v * GiB / MiB for k, v in peaks(m).items()} for name, m 
 
 # %%
 with torch.device("meta"):
-    meta_seed = SeedLikeDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
+    meta_seed = PredecessorDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
 pred_tiny = predict_step_memory(meta_seed, (4, 3, 224, 224), loss_fn=seed_loss, optimizer=adam,
                                 eval_inputs=(4, 3, 224, 224), target="cpu")
 m = measured["seed's design"]
@@ -290,7 +290,7 @@ assert gap / micro_batches < 0.01 * leak_rate * 1e6  # < 1/100 of the planted le
 
 # %%
 with torch.device("meta"):
-    vitb_seed = SeedLikeDCAL(timm.create_model("vit_base_patch16_224", pretrained=False, img_size=448), 200)
+    vitb_seed = PredecessorDCAL(timm.create_model("vit_base_patch16_224", pretrained=False, img_size=448), 200)
     vitb_ckpt = dcal.build_model("vit_base_patch16_224", num_classes=200, img_size=448, pretrained=False,
                                  grad_checkpointing=True)
 common = dict(amp_dtype=torch.float16, eval_inputs=(4, 3, 448, 448))

@@ -48,8 +48,8 @@ from dcal.callbacks import Callback
 from dcal.config import apply_overrides, preset
 from dcal.schedule import lr_for_rule, warmup_cosine
 from dcal.train import build_trainer, model_from_config
+from dcal_studies.verdicts import combine, format_measured, judge, report
 from diagnostics.doctor import COLLAPSE_FRACTION
-from diagnostics.verdicts import combine, format_measured, judge, report
 
 SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
 facts = yaml.safe_load((SEED / "facts.yaml").read_text())

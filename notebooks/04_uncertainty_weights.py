@@ -38,7 +38,7 @@ np.random.seed(0)
 pd.set_option("display.width", 160)
 
 import dcal
-from diagnostics.verdicts import combine, judge, report
+from dcal_studies.verdicts import combine, judge, report
 
 SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
 facts = yaml.safe_load((SEED / "facts.yaml").read_text())

@@ -47,6 +47,7 @@ pd.set_option("display.width", 160)
 pd.set_option("display.max_colwidth", 200)
 
 import dcal
+import dcal_studies
 import diagnostics
 from dcal.config import PRETRAINED_DIR
 from dcal.layers import sa_block
@@ -58,7 +59,7 @@ from dcal.train import (
     model_from_config,
     normalisation,
 )
-from diagnostics.verdicts import (
+from dcal_studies.verdicts import (
     CONFIRMED,
     NOT_REPRODUCED,
     NUANCED,
@@ -157,7 +158,7 @@ print("dcal train", " ".join(RUN), "--seed S --set model.glca_selection=SELECTIO
 def train(selection: str, seed: int) -> Path:
     """One `dcal train` run in its own process (one torch thread); returns its run folder."""
     folder = WORK / f"{selection}-s{seed}"
-    cmd = [sys.executable, "-m", "dcal", "train", *RUN, "--seed", str(seed), "--set",
+    cmd = [sys.executable, "-m", "dcal_app", "train", *RUN, "--seed", str(seed), "--set",
            f"model.glca_selection={selection}", "--out", str(folder)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
@@ -221,14 +222,14 @@ summary
 #
 # ### What the fallback selects
 #
-# `diagnostics.uniform_fallback_selection` is the seed's line: top-k of equal scores. The kernel's
+# `dcal_studies.uniform_fallback_selection` is the seed's line: top-k of equal scores. The kernel's
 # tie-breaking decides, the same way for every image: one fixed block of k patches, whatever the image shows
 # (mean pairwise Jaccard of the selected sets 1.0; `diagnostics.RolloutCallback` flags a selection as static
 # from 0.9 and wrote that into every evaluation record of the `uniform` runs).
 
 # %%
 P, K = 64, 6  # 8×8 patches, k = ⌊0.1·64⌋
-fallback = diagnostics.uniform_fallback_selection(200, P, K)
+fallback = dcal_studies.uniform_fallback_selection(200, P, K)
 torch.testing.assert_close(fallback, torch.ones(200, P).topk(K, dim=1).indices)  # the seed's code path
 print("the fallback selects the same patches for every image:", bool((fallback == fallback[0]).all()))
 static = evals.groupby("selection")["selection_static"].all()

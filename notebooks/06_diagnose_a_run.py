@@ -51,6 +51,7 @@ random.seed(0)
 pd.set_option("display.width", 160)
 pd.set_option("display.max_colwidth", 200)
 
+import dcal_app
 import diagnostics
 from dcal.config import apply_overrides, preset
 from dcal.train import build_trainer
@@ -60,7 +61,7 @@ from diagnostics import doctor
 # ## The runs
 #
 # With no `run_dir`, two runs of the `demo` preset (DCAL fine-tuned from the project's pretrained backbone on
-# 10 classes of the embedded benchmark), three short epochs each, with `diagnostics.default_callbacks()` attached
+# 10 classes of the embedded benchmark), three short epochs each, with `dcal_app.default_callbacks()` attached
 # (NaN checks, memory per step, rollout statistics and a rollout figure per evaluation). The second one uses the
 # seed's recipe after its fixes: `train.optimizer=adam_l2` (Adam with coupled L2 0.05), `train.clip_grad=1.0`,
 # `train.lr_rule=sqrt` with base 5e-4 (the seed's 5e-4), 5 % warm-up like the seed's 5 of 100 epochs,
@@ -76,7 +77,7 @@ SEED_RECIPE = ["train.optimizer=adam_l2", "train.clip_grad=1.0", "train.lr_rule=
 def train(folder: Path, overrides: list[str]) -> Path:
     t0 = time.perf_counter()
     cfg = apply_overrides(preset("demo"), TINY + overrides)
-    trainer = build_trainer(cfg, folder, callbacks=diagnostics.default_callbacks())
+    trainer = build_trainer(cfg, folder, callbacks=dcal_app.default_callbacks())
     trainer.fit()
     print(f"{folder.name}: {trainer.step} steps in {time.perf_counter() - t0:.0f} s")
     return folder
@@ -190,7 +191,7 @@ assert report.is_file() and text.count("<tr class=") == len(findings)
 # cannot be read), so a CI job or a scheduler can act on it.
 
 # %%
-proc = subprocess.run([sys.executable, "-m", "dcal", "doctor", str(run), "--json"], capture_output=True, text=True)
+proc = subprocess.run([sys.executable, "-m", "dcal_app", "doctor", str(run), "--json"], capture_output=True, text=True)
 cli_findings = json.loads(proc.stdout)
 print("exit code:", proc.returncode)
 print("codes:", [(f["severity"], f["code"]) for f in cli_findings])

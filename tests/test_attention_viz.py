@@ -17,6 +17,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 import dcal  # noqa: E402
 from dcal.callbacks import Callback  # noqa: E402
 from dcal.metrics import chance_hit_rate, patches_in_boxes  # noqa: E402
+from dcal_studies import uniform_fallback_selection  # noqa: E402
 from diagnostics.attention import (  # noqa: E402
     RolloutCallback,
     plot_compare,
@@ -29,7 +30,6 @@ from diagnostics.selection import (  # noqa: E402
     random_selection,
     selection_jaccard,
     selection_stats,
-    uniform_fallback_selection,
 )
 from diagnostics.widgets_rollout import rollout_explorer  # noqa: E402
 

@@ -147,7 +147,7 @@ def test_cli_prints_a_config_error_without_a_traceback(tmp_path):
     for setting, words in [("model.glca=maybe", "model.glca='maybe'"),
                            ("train.weight_decay=abc", "train.weight_decay='abc'"),
                            ("train.base_lr=-1", "train.base_lr='-1'")]:
-        r = subprocess.run([sys.executable, "-m", "dcal", "train", "--preset", "demo", "--out", str(tmp_path / "x"),
+        r = subprocess.run([sys.executable, "-m", "dcal_app", "train", "--preset", "demo", "--out", str(tmp_path / "x"),
                             "--set", setting], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert r.returncode == 2, r.stderr

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from dcal.schedule import lr_for_rule, warmup_cosine
+from dcal_app.doctor import main
 from diagnostics import doctor
-from diagnostics.doctor import Finding, diagnose, main, to_json
+from diagnostics.doctor import Finding, diagnose, to_json
 from diagnostics.runlog import RunLogError, RunLogWarning, load_run, read_metrics
 
 N_STEPS, C = 300, 10

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dcal_app.doctor import main
 from diagnostics import import_log
-from diagnostics.doctor import diagnose, diagnose_log, main
+from diagnostics.doctor import diagnose, diagnose_log
 from diagnostics.logimport import LogImportError, detect_format, parse_oom
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
@@ -119,7 +120,7 @@ def test_the_oom_request_matches_the_pwca_score_map(seed_log):
 
 @needs_seed
 def test_dcal_doctor_command_on_the_seed_log():
-    proc = subprocess.run([sys.executable, "-m", "dcal", "doctor", str(SEED_LOG), "--num-classes", "200"],
+    proc = subprocess.run([sys.executable, "-m", "dcal_app", "doctor", str(SEED_LOG), "--num-classes", "200"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     out = proc.stdout

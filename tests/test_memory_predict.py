@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 import dcal
-import dcal.cli
+import dcal_app.cli
 import diagnostics
 from dcal.config import PRESETS
+from dcal_studies.predecessor import PredecessorDCAL, predecessor_case
 from diagnostics.memory import MemoryProfiler, MetaUnsupportedError, attention_memory, measure_step_memory
 from diagnostics.memory import predict_step_memory as predict
-from diagnostics.memory.seed import SeedLikeDCAL, seed_case
 
 IMG = 32
 SMALL = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)
@@ -112,7 +112,7 @@ def test_peaks_grow_with_batch_and_image_size_as_the_arithmetic_says():
     for img in (32, 64):
         torch.manual_seed(0)
         vit = timm.create_model("vit_tiny_patch16_224", img_size=img, **SMALL)
-        p = predict(SeedLikeDCAL(vit, 5), (2, 3, img, img), loss_fn=sum_loss, target="cpu")
+        p = predict(PredecessorDCAL(vit, 5), (2, 3, img, img), loss_fn=sum_loss, target="cpu")
         est = attention_memory({"num_heads": 3, "depth": 2, "patch_size": 8}, img, 2)
         # Image 2's last SA map feeds only that pass's unused output (PWCA needs its keys/values, computed
         # before the map), so it is freed at once: L - 1 of its L maps are kept.
@@ -124,7 +124,7 @@ def test_peaks_grow_with_batch_and_image_size_as_the_arithmetic_says():
 
 def test_cuda_target_rounds_blocks_and_keeps_autocast_softmax_in_fp32():
     torch.manual_seed(0)
-    seed = SeedLikeDCAL(timm.create_model("vit_tiny_patch16_224", img_size=IMG, **SMALL), 5)
+    seed = PredecessorDCAL(timm.create_model("vit_tiny_patch16_224", img_size=IMG, **SMALL), 5)
     x = (2, 3, IMG, IMG)
     loss = sum_loss
     cpu = predict(seed, x, loss_fn=loss, target="cpu", amp_dtype=torch.float16)
@@ -174,7 +174,7 @@ def test_reads_of_values_are_listed():
 
 
 def test_seed_case_small():
-    r = seed_case(batch_size=2, img_size=32, backbone="vit_tiny_patch16_224", num_classes=5, amp_dtype=None,
+    r = predecessor_case(batch_size=2, img_size=32, backbone="vit_tiny_patch16_224", num_classes=5, amp_dtype=None,
                   target="cpu")
     ours, seed = r["ours"], r["seed"]
     assert seed.peak_bytes > ours.peak_bytes
@@ -191,20 +191,20 @@ def test_exported_from_diagnostics():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_dcal_memory_answers_for_every_preset(name, capsys):
-    assert dcal.cli.main(["memory", "--preset", name, "--json"]) == 0
+    assert dcal_app.cli.main(["memory", "--preset", name, "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["peak_bytes"] > 0 and res["fits"] is None
     assert res["eval_peak_bytes"] > 0 and res["train_after_eval_peak_bytes"] >= res["peak_bytes"]
 
 
 def test_dcal_memory_fit_and_largest_batch(capsys):
-    assert dcal.cli.main(["memory", "--preset", "demo", "--json", "--gpu-memory", "0.5"]) == 0
+    assert dcal_app.cli.main(["memory", "--preset", "demo", "--json", "--gpu-memory", "0.5"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["fits"] is False and res["largest_batch"] is None  # 0.5 GiB is all context
-    assert dcal.cli.main(["memory", "--preset", "demo", "--json", "--gpu-memory", "1"]) == 0
+    assert dcal_app.cli.main(["memory", "--preset", "demo", "--json", "--gpu-memory", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["fits"] is True and res["largest_batch"] > res["batch_size"]
-    assert dcal.cli.main(["memory", "--preset", "demo", "--gpu-memory", "-1"]) == 2
+    assert dcal_app.cli.main(["memory", "--preset", "demo", "--gpu-memory", "-1"]) == 2
 
 
 def test_gpu_script_without_cuda_says_so_and_predicts(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ def test_import_diagnostics_leaves_ipython_and_ipywidgets_unloaded():
     code = f"""
 import sys
 import diagnostics
-from dcal.cli import _callbacks
+from dcal_app.cli import _callbacks
 from dcal.train import build_trainer
 _callbacks(True)  # what `dcal train` attaches
 print(sorted(m for m in {HEAVY!r} if m in sys.modules))

@@ -25,7 +25,7 @@ def test_pyproject_declares_the_required_dependencies():
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in meta["dependencies"]}
     assert {"torch", "timm", "jupyterlab", "ipywidgets", "matplotlib", "seaborn", "pandas", "nbval"} <= names
     assert "pytest" in " ".join(meta["optional-dependencies"]["dev"])
-    assert meta["scripts"]["dcal"] == "dcal.cli:main"
+    assert meta["scripts"]["dcal"] == "dcal_app.cli:main"
 
 
 def test_ci_runs_the_readme_test_command():
@@ -36,12 +36,12 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_demo_command_runs_end_to_end_on_a_tiny_config(tmp_path):
-    """`make demo` runs `python -m dcal demo`; here on a tiny config (the real one takes minutes)."""
+    """`make demo` runs `python -m dcal_app demo`; here on a tiny config (the real one takes minutes)."""
     import subprocess
 
     from test_train import TINY
 
-    args = [sys.executable, "-m", "dcal", "demo", "--out", str(tmp_path / "demo")]
+    args = [sys.executable, "-m", "dcal_app", "demo", "--out", str(tmp_path / "demo")]
     for s in TINY + [f"data.cache_dir={tmp_path / 'cache'}"]:
         args += ["--set", s]
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -245,7 +245,7 @@ def test_gradient_checkpointing_gives_identical_training(cache, tmp_path):
 # ----------------------------------------------------------------------------- CLI, resume, torchrun
 def cli(*args, env=None, **kw):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "dcal", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "dcal_app", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -335,7 +335,7 @@ def test_torchrun_two_processes_gloo_evaluates_exactly_like_one_process(cache, t
     run = tmp_path / "ddp"
     odd = "data.synthetic={num_classes: 3, train_per_class: 16, test_per_class: 7, part_size: 10, mark_grid: 1, seed: 0}"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-            "-m", "dcal", "train", "--preset", "demo", "--out", str(run), "--no-diagnostics",
+            "-m", "dcal_app", "train", "--preset", "demo", "--out", str(run), "--no-diagnostics",
             *tiny_args(cache, "train.epochs=1", "train.batch_size=4", odd)]
     r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -366,7 +366,7 @@ def test_torchrun_two_processes_gloo_evaluates_exactly_like_one_process(cache, t
 def test_the_cli_destroys_the_process_group_also_when_the_run_fails(monkeypatch, tmp_path):
     import dcal.distributed
     import dcal.train
-    from dcal.cli import main
+    from dcal_app.cli import main
 
     calls = []
     monkeypatch.setattr(dcal.distributed, "teardown_distributed", lambda: calls.append("teardown"))

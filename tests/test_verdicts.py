@@ -1,11 +1,11 @@
-"""diagnostics.verdicts: every label from measured numbers, the precision rule, and the notebook assert."""
+"""dcal_studies.verdicts: every label from measured numbers, the precision rule, and the notebook assert."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from diagnostics.verdicts import (
+from dcal_studies.verdicts import (
     CONFIRMED,
     LABELS,
     NOT_REPRODUCED,

@@ -45,7 +45,7 @@ def run(name: str, seed: int, out: Path) -> dict:
     run_dir = out / f"{slug}-s{seed}"
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
-        args = [sys.executable, "-m", "dcal", "train", "--preset", "demo", "--out", str(run_dir), "--seed", str(seed),
+        args = [sys.executable, "-m", "dcal_app", "train", "--preset", "demo", "--out", str(run_dir), "--seed", str(seed),
                 "--no-diagnostics", "--set", "train.progress=false"]
         for s in VARIANTS[name]:
             args += ["--set", s]

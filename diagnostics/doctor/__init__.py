@@ -44,7 +44,6 @@ from .checks_records import (
     MEM_SKIP_FRACTION,
     MEM_T_STAT,
 )
-from .cli import main
 from .common import LATE_FRACTION, ModelShape
 from .findings import CODES, SEVERITIES, Finding
 from .reading import read_log
@@ -52,7 +51,7 @@ from .report_html import write_html
 from .report_text import format_summary, format_text, summarize, to_json
 
 __all__ = ["Finding", "SEVERITIES", "CODES", "ModelShape", "diagnose", "diagnose_log", "read_log", "summarize",
-           "format_text", "format_summary", "to_json", "write_html", "main", "import_finding", "skipped_checks",
+           "format_text", "format_summary", "to_json", "write_html", "import_finding", "skipped_checks",
            "model_shape", "match_attention_maps",
            "LATE_FRACTION", "CHANCE_ACC_FACTOR", "COLLAPSE_FRACTION", "BOUND_ATOL", "PINNED_MIN_STEPS",
            "PINNED_MIN_FRACTION", "FROZEN_MIN_STEPS", "FROZEN_MIN_FRACTION", "LR_RULE_RATIO",

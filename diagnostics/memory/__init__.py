@@ -3,8 +3,8 @@
 One module per concern: `tracker` (the CPU live-tensor tracker), `sources` (CUDA / CPU / RSS),
 `profiler` (`MemoryProfiler`, `record_history`, `oom_snapshot`), `leaks` (`LeakDetector`,
 `count_graph_tensors`, `find_graph_holders`), `estimate` (`attention_memory`), `predict`
-(`predict_step_memory`: a step's peak from shapes alone, on meta tensors), `seed` (`SeedLikeDCAL`, the seed
-system's design, and `seed_case`), `cli` (`dcal memory`), `callback` (`MemoryCallback`).
+(`predict_step_memory`: a step's peak from shapes alone, on meta tensors), `callback` (`MemoryCallback`).
+`dcal memory` lives in `dcal_app.memory`; the predecessor system's design in `dcal_studies.predecessor`.
 Every public name is re-exported here: ``diagnostics.memory.X`` keeps working.
 """
 from .callback import MemoryCallback

@@ -17,7 +17,7 @@ How the step runs (what is modelled):
   default to the multi-tensor (``foreach``) implementation on CUDA, whose temporaries span all parameters;
   (4) `dcal.layers` tiles the attention weights on CPU only, so tiling is switched off. Not modelled: the
   fused-attention kernels' internal workspaces (a few MB), cuBLAS workspaces, the CUDA context, and
-  fragmentation (see `fits_on_gpu` in `diagnostics.memory.cli`). The CUDA accuracy is unverified until
+  fragmentation (see `fits_on_gpu` in `dcal_app.memory`). The CUDA accuracy is unverified until
   `benchmarks/gpu_memory.py` has run on a GPU.
 - Values a step reads back into Python (``bool(t)``, ``t.item()``) do not exist on meta. A bool made by
   ``any`` reads False and one made by ``all`` reads True (no anomaly: the checks pass); a number reads 1 (Adam divides by 1 − β^step).

@@ -12,9 +12,10 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None) -> int:
     import torch
 
     import diagnostics
+    from dcal.config import apply_overrides, preset
+    from dcal.train import build_trainer
 
-    from .config import apply_overrides, preset
-    from .train import build_trainer
+    from .callbacks import default_callbacks
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (out_dir / "config.yaml").exists():
@@ -23,7 +24,7 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     cfg = apply_overrides(preset("demo"), overrides or [])
-    trainer = build_trainer(cfg, out_dir, callbacks=diagnostics.default_callbacks())
+    trainer = build_trainer(cfg, out_dir, callbacks=default_callbacks())
     trainer.fit()
     ev = trainer.last_eval
     report = out_dir / "doctor.html"

@@ -1,12 +1,12 @@
-"""The seed system's memory-relevant design, as a model `predict_step_memory` can run, and its OOM case.
+"""The predecessor system's (the "seed" implementation of ../shared/seed/) memory-relevant design, as a model `predict_step_memory` can run, and its OOM case.
 
-`SeedLikeDCAL` reproduces what made the seed's step big, not its numbers: (1) eager attention: every score
+`PredecessorDCAL` reproduces what made the seed's step big, not its numbers: (1) eager attention: every score
 map is materialised by ``softmax`` (fp32 under CUDA autocast) and kept for backward; (2) in training, image 2
 goes through a *second* SA pass to get PWCA's keys/values (ours reuses the first pass's); (3) the rollout is
 formed as full (B, N, N) matrix products; (4) the maps of the last evaluation forward stay on the module
 (``self.attention_maps``), alive into the next training step (the training forward does not touch them: our
 reading of "the model keeps self.attention_maps in eval"). No gradient checkpointing (the seed's PWCA path ran
-"Standard forward without checkpointing"). `seed_case` predicts it next to our DCAL at the log's setting.
+"Standard forward without checkpointing"). `predecessor_case` predicts it next to our DCAL at the log's setting.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SeedLikeDCAL", "seed_case", "SEED_LOG"]
+__all__ = ["PredecessorDCAL", "predecessor_case", "PREDECESSOR_OOM"]
 
 GiB = 2 ** 30
 MiB = 2 ** 20
 # The seed's OOM message (../shared/seed/SEED_EVIDENCE.md), in bytes.
-SEED_LOG = {
+PREDECESSOR_OOM = {
     "gpu_total_bytes": int(15.89 * GiB),
     "allocated_bytes": int(14.12 * GiB),           # "14.12 GiB is allocated by PyTorch"
     "reserved_unallocated_bytes": int(1.25 * GiB),  # "1.25 GiB is reserved by PyTorch but unallocated"
@@ -59,7 +59,7 @@ def _block(blk: nn.Module, x: Tensor, kv_extra=None) -> tuple[Tensor, Tensor, Te
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), a, k, v
 
 
-class SeedLikeDCAL(nn.Module):
+class PredecessorDCAL(nn.Module):
     """DCAL as the seed system built it, for memory only (see the module docstring).
 
     Args:
@@ -132,13 +132,13 @@ class SeedLikeDCAL(nn.Module):
         return sa, glca, self.vit.forward_head(self.vit.norm(h_pw))
 
 
-def _seed_loss(out) -> Tensor:
+def _predecessor_loss(out) -> Tensor:
     present = [z for z in out if z is not None]
     y = torch.randint(0, present[0].shape[1], (present[0].shape[0],), device=present[0].device)
     return sum(F.cross_entropy(z.float(), y) for z in present)
 
 
-def seed_case(batch_size: int = 4, img_size: int = 448, amp_dtype: torch.dtype | None = torch.float16,
+def predecessor_case(batch_size: int = 4, img_size: int = 448, amp_dtype: torch.dtype | None = torch.float16,
               backbone: str = "vit_base_patch16_224", num_classes: int = 200, grad_checkpointing: bool = False,
               target: str = "cuda") -> dict:
     """Predicted peaks of our DCAL and of the seed's design at the seed's setting, next to the log's numbers.
@@ -152,24 +152,23 @@ def seed_case(batch_size: int = 4, img_size: int = 448, amp_dtype: torch.dtype |
         target: ``"cuda"`` (the log's GPU) or ``"cpu"``.
 
     Returns:
-        ``{"ours": MemoryPrediction, "seed": MemoryPrediction, "log": SEED_LOG}``.
+        ``{"ours": MemoryPrediction, "seed": MemoryPrediction, "log": PREDECESSOR_OOM}``.
     """
     import timm
 
     import dcal
-
-    from .predict import predict_step_memory
+    from diagnostics.memory import predict_step_memory
 
     shape = (batch_size, 3, img_size, img_size)
     with torch.device("meta"):
         ours = dcal.build_model(backbone, num_classes=num_classes, img_size=img_size, pretrained=False,
                                 grad_checkpointing=grad_checkpointing)
-        seed = SeedLikeDCAL(timm.create_model(backbone, pretrained=False, img_size=img_size), num_classes)
+        seed = PredecessorDCAL(timm.create_model(backbone, pretrained=False, img_size=img_size), num_classes)
     kw = dict(amp_dtype=amp_dtype, target=target, eval_inputs=shape)
     return {
         "ours": predict_step_memory(ours, shape, **kw),
-        "seed": predict_step_memory(seed, shape, loss_fn=_seed_loss,
+        "seed": predict_step_memory(seed, shape, loss_fn=_predecessor_loss,
                                     optimizer=lambda m, _: torch.optim.Adam(m.parameters(), lr=1e-5, weight_decay=0.05),
                                     **kw),
-        "log": dict(SEED_LOG),
+        "log": dict(PREDECESSOR_OOM),
     }

@@ -11,7 +11,7 @@
   dcal memory --preset NAME [--set key=value ...] [--precision fp32|fp16|bf16] [--gpu-memory GiB] [--json]
               predict a training step's GPU memory from shapes (meta tensors): will it fit?
 
-Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal train ...`.
+Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal_app train ...`.
 """
 from __future__ import annotations
 
@@ -24,20 +24,20 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+_DCAL_ASSETS = Path(__file__).resolve().parent.parent / "dcal" / "assets"  # the installed dcal package's
+
 
 def _callbacks(with_diagnostics: bool) -> list:
-    """The diagnostics callbacks a CLI run attaches (dcal itself never imports diagnostics)."""
+    """The diagnostics callbacks a CLI run attaches (`dcal_app.default_callbacks`; dcal never imports them)."""
     if not with_diagnostics:
         return []
-    try:
-        import diagnostics
-    except ImportError as e:  # the package ships both; a broken install must say so, not train blind
-        raise SystemExit(f"dcal: cannot import the diagnostics package ({e}); reinstall with `pip install -e .`") from e
-    return diagnostics.default_callbacks()
+    from .callbacks import default_callbacks
+
+    return default_callbacks()
 
 
 def _config(args) -> Config:  # noqa: F821
-    from .config import apply_overrides, preset
+    from dcal.config import apply_overrides, preset
 
     cfg = preset(args.preset)
     if args.seed is not None:
@@ -48,9 +48,9 @@ def _config(args) -> Config:  # noqa: F821
 
 
 def cmd_train(args) -> int:
-    from .config import validate
-    from .distributed import teardown_distributed
-    from .train import build_trainer
+    from dcal.config import validate
+    from dcal.distributed import teardown_distributed
+    from dcal.train import build_trainer
 
     cfg = _config(args)
     validate(cfg)
@@ -67,8 +67,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .config import apply_overrides
-    from .train import (
+    from dcal.config import apply_overrides
+    from dcal.train import (
         build_datasets,
         config_of_checkpoint,
         evaluate,
@@ -90,8 +90,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_make_dataset(args) -> int:
-    from . import data as D
-    from .schema import parse_scalar
+    from dcal import data as D
+    from dcal.schema import parse_scalar
 
     fields = {"seed": args.seed}
     for item in args.set or []:
@@ -107,7 +107,7 @@ def cmd_make_dataset(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import pretrain
+    from dcal.pretrain import pretrain
 
     pretrain(Path(args.out), progress=not args.no_progress)
     return 0
@@ -120,13 +120,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from diagnostics.doctor import main as doctor_main
+    from .doctor import main as doctor_main
 
     return doctor_main(args.rest)
 
 
 def cmd_memory(args) -> int:
-    from diagnostics.memory.cli import run as memory_run
+    from .memory import run as memory_run
 
     return memory_run(args)
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_make_dataset)
 
     p = sub.add_parser("pretrain", help="pre-train the project's small backbone on the pretrain task")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "assets"))
+    p.add_argument("--out", default=str(_DCAL_ASSETS))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_pretrain)
 
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_memory)
 
     args = parser.parse_args(argv)
-    from .data.errors import DatasetError
-    from .errors import CheckpointError, ConfigError
+    from dcal.data.errors import DatasetError
+    from dcal.errors import CheckpointError, ConfigError
 
     start = time.perf_counter()
     try:

@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..logimport import CANONICAL_NAMES, FORMATS, LogImportError
-from ..runlog import METRICS_FILE, RunLogError
-from .checks import diagnose_log
-from .common import ModelShape
-from .reading import read_log
-from .report_html import write_html
-from .report_text import format_text, summarize, to_json
+from diagnostics.doctor.checks import diagnose_log
+from diagnostics.doctor.common import ModelShape
+from diagnostics.doctor.reading import read_log
+from diagnostics.doctor.report_html import write_html
+from diagnostics.doctor.report_text import format_text, summarize, to_json
+from diagnostics.logimport import CANONICAL_NAMES, FORMATS, LogImportError
+from diagnostics.runlog import METRICS_FILE, RunLogError
 
 __all__ = ["main", "parser"]
 

@@ -104,8 +104,7 @@ def predict_config(cfg, num_classes: int, precision: str, *, batch_size: int | N
         evaluate: also the evaluation step and the first training step after it.
     """
     from dcal.train import build_optimizer
-
-    from .predict import predict_step_memory
+    from diagnostics.memory.predict import predict_step_memory
 
     b = batch_size or cfg.train.batch_size
     model, loss = _build(cfg, num_classes)
@@ -170,7 +169,7 @@ def _report_text(res: dict) -> str:
 
 
 def run(args) -> int:
-    """``dcal memory`` (the options are declared in `dcal.cli`): predict, print text or JSON, return 0.
+    """``dcal memory`` (the options are declared in `dcal_app.cli`): predict, print text or JSON, return 0.
 
     Args:
         args: a namespace with preset, set, precision, gpu_memory, num_classes, target, json.
