@@ -4,7 +4,7 @@ Every notebook ends by judging claims (the seed's, and our own readings of its l
 from measured values and a stated threshold, never typed by hand, and the notebook asserts the label it
 means to hold (`Verdict.expect`), so a change of measurement that flips a verdict fails `make test`.
 
-The four labels:
+The five labels:
 
 - ``confirmed``: the effect the claim predicts was measured, beyond its spread, on the claim's side of the
   threshold.
@@ -13,6 +13,17 @@ The four labels:
   not appear, or the measured band (effect ± spread) straddles the threshold (not resolved at this budget).
 - ``nuanced``: a claim made of parts, each measured, some confirmed and some refuted: each side holds in
   part (`combine`).
+- ``not testable here``: the benchmark cannot decide the claim whatever the measurement gives (every arm
+  reaches the ceiling, the quantity the claim is about does not exist in the setting): the reason names why.
+  Unlike ``not reproduced``, more budget would not help; a different benchmark would.
+
+The printed line, parsed by tools/verdict_list.py: `report` (and `str(verdict)`) prints one verdict a line,
+``<claim> → <label> (<reason>)``, label one of `LABELS`, reason on the same line. The README's verdict list
+is generated from every such line in the notebooks' stored outputs (`VERDICT_LINE` is the pattern), so a
+line of that shape IS a claim the notebook makes: keep the claim self-contained (claim, label, measured
+number with its spread), and never print a perturbed, counterfactual verdict with `str()`; show it with
+`flip`, whose line has another shape (``flip under <change>: <claim> is <label>, not <label> (<reason>)``).
+One notebook may not print the same claim with two labels (the generator fails on it).
 
 `format_measured` prints a value at the precision its spread supports (the notebooks' rule for "pass on
 any machine": a noise-level digit printed is a digit that differs on another CPU).
@@ -20,6 +31,7 @@ any machine": a noise-level digit printed is a digit that differs on another CPU
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +39,11 @@ CONFIRMED = "confirmed"
 REFUTED = "refuted"
 NOT_REPRODUCED = "not reproduced"
 NUANCED = "nuanced"
-LABELS = (CONFIRMED, REFUTED, NOT_REPRODUCED, NUANCED)
+NOT_TESTABLE = "not testable here"
+LABELS = (CONFIRMED, REFUTED, NOT_REPRODUCED, NUANCED, NOT_TESTABLE)
+# One printed verdict line (`str(Verdict)`): what tools/verdict_list.py collects from stored outputs.
+VERDICT_LINE = re.compile(r"^(?P<claim>\S.*?) → (?P<label>" + "|".join(map(re.escape, LABELS)) +
+                          r") \((?P<reason>.*)\)$")
 
 # Significant digits for a value printed without a spread (an exact or a thresholded number): 3 is what a
 # reader compares by eye, and stays below the notebooks' output lint limit of 4 (tests/test_notebooks.py).
@@ -130,13 +146,15 @@ def format_measured(value: float, spread: float = 0.0, *, digits: int = EXACT_DI
 
 
 def judge(claim: str, effect: float, threshold: float, *, holds_if: str = ">", spread: float = 0.0,
-          reproduced: bool = True, quantity: str = "effect", budget: str = "") -> Verdict:
+          reproduced: bool = True, quantity: str = "effect", budget: str = "",
+          untestable: str = "") -> Verdict:
     """Label a claim from a measured effect, its spread and the threshold the claim needs.
 
     The band effect ± spread is compared with the threshold: wholly on the claim's side → confirmed;
     wholly on the other side (or on the threshold) → refuted; straddling it → not reproduced (not resolved
     at this budget). A symptom that did not appear (`reproduced=False`) gives not reproduced whatever the
-    effect: the claim that explains it was not tested.
+    effect: the claim that explains it was not tested. A benchmark that cannot decide the claim
+    (`untestable`, the reason why) gives not testable here whatever the effect.
 
     Args:
         claim: the claim, in a few words.
@@ -147,6 +165,8 @@ def judge(claim: str, effect: float, threshold: float, *, holds_if: str = ">", s
         reproduced: whether the symptom the claim is about appeared in the measurement.
         quantity: what `effect` is, for the reason line ("max |replay − log|").
         budget: the stated budget (steps, seeds), named in the reason when the label is not reproduced.
+        untestable: why this benchmark cannot decide the claim ("every arm reaches top-1 1.000"), computed
+            by the caller from its measurement; empty (the default) when it can.
 
     Raises:
         VerdictError: `holds_if` is not ">" or "<", or the numbers are not finite / the spread negative.
@@ -156,6 +176,8 @@ def judge(claim: str, effect: float, threshold: float, *, holds_if: str = ">", s
     effect, threshold = _check_finite("effect", effect), _check_finite("threshold", threshold)
     measured = f"{quantity} {format_measured(effect, spread)}"
     within = f" within {budget}" if budget else ""
+    if untestable:
+        return not_testable(claim, f"{untestable}; {measured}")
     if not reproduced:
         return Verdict(claim, NOT_REPRODUCED, f"symptom not reproduced{within}; {measured}")
     lo, hi = effect - spread, effect + spread
@@ -174,11 +196,27 @@ def judge(claim: str, effect: float, threshold: float, *, holds_if: str = ">", s
     return Verdict(claim, NOT_REPRODUCED, f"{measured} straddles {thr}: not resolved{within}")
 
 
+def not_testable(claim: str, why: str) -> Verdict:
+    """The verdict for a claim this benchmark cannot decide, with the (measured) reason why.
+
+    Args:
+        claim: the claim, in a few words.
+        why: one line: what makes it undecidable here, with the numbers ("every selection reaches 1.000").
+
+    Raises:
+        VerdictError: an empty or multi-line reason.
+    """
+    if not why.strip():
+        raise VerdictError(f"not_testable({claim!r}) needs the reason the benchmark cannot decide it")
+    return Verdict(claim, NOT_TESTABLE, why)
+
+
 def combine(claim: str, parts: Sequence[Verdict]) -> Verdict:
     """One verdict for a claim made of parts, each judged on its own measurement.
 
     All parts confirmed → confirmed; all refuted → refuted; some confirmed and some refuted (both sides
-    measured) → nuanced; any part not reproduced → not reproduced (that part could not be tested).
+    measured) → nuanced; any part not reproduced → not reproduced (that part could not be tested at this
+    budget); else any part not testable here → not testable here (that part cannot be decided here).
 
     Args:
         claim: the whole claim.
@@ -193,11 +231,34 @@ def combine(claim: str, parts: Sequence[Verdict]) -> Verdict:
     summary = "; ".join(f"{p.claim}: {p.label}" for p in parts)
     if NOT_REPRODUCED in labels:
         return Verdict(claim, NOT_REPRODUCED, summary)
+    if NOT_TESTABLE in labels:
+        return Verdict(claim, NOT_TESTABLE, summary)
     if labels == {CONFIRMED}:
         return Verdict(claim, CONFIRMED, summary)
     if labels == {REFUTED}:
         return Verdict(claim, REFUTED, summary)
     return Verdict(claim, NUANCED, summary)
+
+
+def flip(measured: Verdict, perturbed: Verdict, change: str) -> str:
+    """Assert that a perturbed input flips a verdict; return the line to print (not a verdict line).
+
+    The notebooks' control that a verdict can fail: judge the same measurement against a perturbed input or
+    threshold and show the label changes. The returned line does not have the `VERDICT_LINE` shape, so the
+    README's verdict list does not take the counterfactual for a claim.
+
+    Args:
+        measured: the verdict the notebook states.
+        perturbed: the same claim judged on the perturbed input.
+        change: what was perturbed, in a few words ("threshold 0.5 → 0.05").
+
+    Raises:
+        AssertionError: the label did not change (the verdict could not fail under this perturbation).
+    """
+    if perturbed.label == measured.label:
+        raise AssertionError(f"verdict did not flip under {change}: {measured.claim!r} stays {measured.label!r} "
+                             f"({perturbed.reason})")
+    return f"flip under {change}: {perturbed.claim} is {perturbed.label}, not {measured.label} ({perturbed.reason})"
 
 
 def report(verdicts: Sequence[Verdict]) -> str:

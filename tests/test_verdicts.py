@@ -9,13 +9,17 @@ from dcal_studies.verdicts import (
     CONFIRMED,
     LABELS,
     NOT_REPRODUCED,
+    NOT_TESTABLE,
     NUANCED,
     REFUTED,
+    VERDICT_LINE,
     Verdict,
     VerdictError,
     combine,
+    flip,
     format_measured,
     judge,
+    not_testable,
     report,
 )
 
@@ -59,6 +63,9 @@ def test_reason_prints_the_numbers_at_their_precision():
     ([CONFIRMED, REFUTED], NUANCED),
     ([CONFIRMED, NOT_REPRODUCED], NOT_REPRODUCED),
     ([NUANCED, CONFIRMED], NUANCED),
+    ([CONFIRMED, NOT_TESTABLE], NOT_TESTABLE),
+    ([NOT_TESTABLE, NOT_TESTABLE], NOT_TESTABLE),
+    ([NOT_TESTABLE, NOT_REPRODUCED], NOT_REPRODUCED),   # more budget could decide that part: say so first
 ])
 def test_combine(parts, label):
     v = combine("whole", [Verdict(f"part {i}", p, "r") for i, p in enumerate(parts)])
@@ -85,7 +92,28 @@ def test_verdict_rejects_unknown_labels_and_multiline_reasons():
         Verdict("c", "maybe", "r")
     with pytest.raises(VerdictError, match="one line"):
         Verdict("c", CONFIRMED, "a\nb")
-    assert len(LABELS) == 4
+    assert len(LABELS) == 5 and NOT_TESTABLE == "not testable here"
+
+
+def test_untestable_overrides_the_effect_and_names_why():
+    v = judge("the paper's selection beats random queries", 0.0, 0.0, spread=0.0, quantity="Δ top-1",
+              untestable="every selection reaches top-1 1.000")
+    assert v.label == NOT_TESTABLE
+    assert str(v) == ("the paper's selection beats random queries → not testable here "
+                      "(every selection reaches top-1 1.000; Δ top-1 0)")
+    assert judge("c", 0.0, 0.0, untestable="").label == REFUTED  # empty reason: the benchmark decides
+
+
+def test_not_testable_needs_a_one_line_reason_and_expect_accepts_it():
+    v = not_testable("CLS head: the fallback changes a prediction", "the head reads CLS only")
+    assert v.expect(NOT_TESTABLE) is v
+    with pytest.raises(AssertionError, match="'not testable here'.*'refuted'"):
+        v.expect(REFUTED)
+    with pytest.raises(VerdictError, match="reason"):
+        not_testable("c", "  ")
+    with pytest.raises(VerdictError, match="one line"):
+        not_testable("c", "a\nb")
+    assert report([v]) == "CLS head: the fallback changes a prediction → not testable here (the head reads CLS only)"
 
 
 @pytest.mark.parametrize("bad", [
@@ -114,3 +142,19 @@ def test_report_one_line_per_verdict():
     vs = [judge("a", 1.0, 0.5), judge("b", 0.1, 0.5)]
     assert report(vs).splitlines() == [str(vs[0]), str(vs[1])]
     assert report(vs).splitlines()[1].startswith("b → refuted (effect 0.1 ≤ 0.5")
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_verdict_line_parses_every_label_and_keeps_claim_and_reason(label):
+    v = Verdict("w → log L (the equilibrium)", label, "max |w| 0.0835 (clamp 1) < 1")
+    m = VERDICT_LINE.match(str(v))
+    assert m and m["label"] == label and m["claim"] == v.claim and m["reason"] == v.reason
+
+
+def test_flip_asserts_a_change_and_its_line_is_not_a_verdict_line():
+    v = judge("clamp engaged", 0.0835, 1.0)
+    line = flip(v, judge("clamp engaged", 0.0835, 0.05), "threshold 1 → 0.05")
+    assert line.startswith("flip under threshold 1 → 0.05: clamp engaged is confirmed, not refuted (")
+    assert not VERDICT_LINE.match(line)
+    with pytest.raises(AssertionError, match="did not flip"):
+        flip(v, judge("clamp engaged", 0.0835, 0.5), "threshold 1 → 0.5")
