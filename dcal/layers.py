@@ -18,6 +18,7 @@ from .errors import ConfigError, RolloutError
 
 __all__ = [
     "check_block",
+    "embed_tokens",
     "untiled_attention",
     "qkv",
     "attention_output",
@@ -37,6 +38,15 @@ def check_block(block: nn.Module, name: str) -> None:
         raise ConfigError(f"{name}: {type(block).__name__} is not a pre-norm timm Block (needs attn, norm1, mlp, ...)")
     if not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "scale")):
         raise ConfigError(f"{name}.attn: {type(attn).__name__} is not a timm Attention with a fused qkv projection")
+
+
+def embed_tokens(vit: nn.Module, x: Tensor) -> Tensor:
+    """The tokens that enter a timm ViT's first block: patch embedding, position embedding (and the prefix
+    tokens), patch dropout and the pre-norm, exactly the start of timm's `forward_features`.
+
+    The one place that calls timm's private `_pos_embed`: (B, 3, H, W) images → (B, N, C) tokens.
+    """
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, N, C)
 
 
 def qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +83,8 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # heads at once, ~2 MiB of scores each): q·kᵀ, softmax, ·v and the head mean of a tile then stay in L2
 # instead of streaming the scores through memory several times. Measured (benchmarks/, deit-tiny, 1 thread):
 # at 448 px b2 (15 MB of scores) tiles cut the weights' overhead over SDPA by about half; at 224 px b8
-# (3.7 MB) one untiled pass was faster. GPUs: one pass.
+# (3.7 MB) one untiled pass was faster. GPUs: one pass. Whether a model may tile is its own switch,
+# `DCAL.attention_tiling`, passed down as `tiling` (off: one pass on CPU too, as a GPU runs it).
 _TILE_BYTES = 2 << 20
 _UNTILED_MAX_BYTES = 8 << 20
 
@@ -82,8 +93,8 @@ _UNTILED_MAX_BYTES = 8 << 20
 def untiled_attention() -> Iterator[None]:
     """Within the block, CPU computes the attention weights in one pass, as a GPU does (no tiling).
 
-    Same numbers either way; what changes is which intermediate tensors exist. `diagnostics.predict_step_memory`
-    uses it to count a GPU step's memory on CPU/meta tensors.
+    Deprecated: set `DCAL.attention_tiling = False` on the model instead (kept until
+    `diagnostics.memory.predict` has moved to it).
     """
     global _UNTILED_MAX_BYTES
     saved, _UNTILED_MAX_BYTES = _UNTILED_MAX_BYTES, math.inf
@@ -93,12 +104,12 @@ def untiled_attention() -> Iterator[None]:
         _UNTILED_MAX_BYTES = saved
 
 
-def _tile_rows(q: Tensor, keys: int | None = None) -> int:
-    """Query rows per tile: N (one pass) unless the scores (N × `keys`, default N) on CPU exceed
-    `_UNTILED_MAX_BYTES`."""
+def _tile_rows(q: Tensor, keys: int | None = None, tiling: bool = True) -> int:
+    """Query rows per tile: N (one pass) unless `tiling` is on, q is on CPU and the fp32 scores (N × `keys`,
+    default N) exceed `_UNTILED_MAX_BYTES`."""
     B, H, N, _ = q.shape
     keys = N if keys is None else keys
-    if q.device.type != "cpu" or 4 * B * H * N * keys <= _UNTILED_MAX_BYTES:
+    if not tiling or q.device.type != "cpu" or 4 * B * H * N * keys <= _UNTILED_MAX_BYTES:
         return N
     return max(1, min(N, _TILE_BYTES // (4 * B * H * keys)))
 
@@ -116,16 +127,17 @@ def _add_head_mean(a: Tensor, out: Tensor) -> None:
 
 
 @torch.no_grad()
-def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def head_mean_attention(q: Tensor, k: Tensor, scale: float, tiling: bool = True) -> Tensor:
     """Softmax attention weights averaged over heads, fp32, outside autocast: (B, Nq, Nk).
 
     Recomputes q·kᵀ without gradient so that the differentiable path can keep the fused SDPA kernel.
+    `tiling`: on CPU, large scores may be computed in tiles of query rows (same numbers; off: one pass).
     """
     with torch.autocast(q.device.type, enabled=False):
         B, H, N, _ = q.shape
         Nk = k.shape[2]
         qs, kt = q.float() * scale, k.float().transpose(-2, -1)  # (B, H, N, hd), (B, H, hd, Nk)
-        rows = _tile_rows(q, Nk)
+        rows = _tile_rows(q, Nk, tiling)
         if rows >= N:
             return (qs @ kt).softmax(dim=-1).mean(dim=1)
         kt = kt.contiguous()  # once, not once per tile
@@ -135,10 +147,10 @@ def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return w
 
 
-def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, tiling: bool) -> tuple[Tensor, Tensor]:
     """softmax(q·kᵀ·scale)·v (B, H, N, hd) and its head mean (B, N, N): one softmax serves both."""
     B, H, N, hd = q.shape
-    rows = _tile_rows(q)
+    rows = _tile_rows(q, tiling=tiling)
     if rows >= N:
         a = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
         return a @ v, a.mean(dim=1)
@@ -153,22 +165,25 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[
     return o.transpose(1, 2), w
 
 
-def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, tiling: bool) -> tuple[Tensor, Tensor]:
     """Attention output and head-mean weights, computing the softmax once when that is exact and cheap."""
     no_dropout = not (attn.training and attn.attn_drop.p > 0)
     if not torch.is_grad_enabled() and q.dtype == torch.float32 and no_dropout:
         # Inference: one explicit softmax serves both the output and the rollout (no second q·kᵀ). On CPU,
         # tiled, this is faster than SDPA plus a recomputed softmax for the weights (benchmarks/).
-        return _explicit_attention(q, k, v, attn.scale)
-    return _sdpa(attn, q, k, v), head_mean_attention(q, k, attn.scale)
+        return _explicit_attention(q, k, v, attn.scale, tiling)
+    return _sdpa(attn, q, k, v), head_mean_attention(q, k, attn.scale, tiling)
 
 
 def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True,
+             tiling: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One SA block, exactly timm's `Block.forward`, also returning its k, v and head-mean weights.
+
+    `tiling`: on CPU the weights may be computed in tiles of query rows (`DCAL.attention_tiling`).
 
     Returns:
         x (B, N, C), k and v (B, H, N, hd), weights (B, N, N) fp32 or None.
@@ -177,7 +192,7 @@ def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True) -> tuple[Te
     y = block.norm1(x)
     q, k, v = qkv(attn, y)
     if need_weights:
-        o, w = _attend_with_weights(attn, q, k, v)
+        o, w = _attend_with_weights(attn, q, k, v, tiling)
     else:
         o, w = _sdpa(attn, q, k, v), None
     x = x + block.drop_path1(block.ls1(attention_output(attn, o, y)))
@@ -185,13 +200,14 @@ def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True) -> tuple[Te
 
 
 def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor,
-               need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+               need_weights: bool = False, tiling: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """One PWCA block on the shared SA weights: queries of image 1 attend to [K1; K2], [V1; V2].
 
     Args:
         x: (B, N, C) PWCA hidden stream of image 1.
         k2, v2: (B, H, N, hd) keys/values of each row's paired image, from the SA pass at this block.
         need_weights: also return the head-mean attention weights (B, N, 2N), fp32, no gradient.
+        tiling: on CPU those weights may be computed in tiles of query rows (`DCAL.attention_tiling`).
 
     Returns:
         x (B, N, C), or (x, weights) with `need_weights`.
@@ -203,7 +219,7 @@ def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor,
     v = torch.cat([v1, v2.to(v1.dtype)], dim=2)  # (B, H, 2N, hd)
     x = x + block.drop_path1(block.ls1(attention_output(attn, _sdpa(attn, q, k, v), y)))
     x = _mlp_residual(block, x)
-    return (x, head_mean_attention(q, k, attn.scale)) if need_weights else x
+    return (x, head_mean_attention(q, k, attn.scale, tiling)) if need_weights else x
 
 
 def glca_block(block: nn.Module, x: Tensor, query_index: Tensor) -> Tensor:

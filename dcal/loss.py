@@ -1,18 +1,46 @@
-"""Uncertainty-weighted multi-task loss (Kendall et al. 2018, as FairMOT and DCAL use it), and the
-AdamW parameter groups."""
+"""DCAL's branch losses, the uncertainty-weighted multi-task loss (Kendall et al. 2018, as FairMOT and DCAL
+use it) that combines them, and the AdamW parameter groups."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from .branches import BRANCHES  # the branch losses, in the order UncertaintyLoss weighs them (torch-free)
 from .errors import ConfigError
 
-__all__ = ["UncertaintyLoss", "param_groups", "BRANCHES"]
+__all__ = ["UncertaintyLoss", "branch_losses", "param_groups", "BRANCHES"]
 
-BRANCHES = ("sa", "glca", "pwca")  # the branch losses, in the order UncertaintyLoss weighs them
+
+
+def branch_losses(output, targets: Tensor, branches: Sequence[str] | None = None) -> list[Tensor]:
+    """The fp32 cross-entropies of a `DCALOutput`'s branches against `targets` (B,), in the order of
+    `branches` (default `BRANCHES` order): what `UncertaintyLoss` weighs. The one place the DCAL branch loss
+    is written (the trainer, `dcal memory` and `diagnostics.predict_step_memory` call it).
+
+    Args:
+        output: a `dcal.DCALOutput` (anything with ``sa_logits``, ``glca_logits``, ``pwca_logits``).
+        targets: (B,) int64 class indices.
+        branches: the branches to compute, e.g. `dcal.build.active_branches(model)`; each must have logits
+            in `output`. Default: every branch whose logits are present (SA, GLCA if built, PWCA in training).
+
+    Raises:
+        ValueError naming a requested branch that `output` has no logits for, or an unknown branch.
+    """
+    unknown = [b for b in branches or () if b not in BRANCHES]
+    if unknown:
+        raise ValueError(f"branch_losses: unknown branch(es) {unknown}; the branches are {BRANCHES}")
+    logits = {b: getattr(output, f"{b}_logits") for b in BRANCHES}
+    if branches is None:
+        branches = [b for b in BRANCHES if logits[b] is not None]
+    missing = [b for b in branches if logits[b] is None]
+    if missing:
+        raise ValueError(f"branch_losses: the output has no {'/'.join(missing)} logits ({missing[0]}_logits is None: "
+                         "is the branch built, and PWCA in training mode?)")
+    return [F.cross_entropy(logits[b].float(), targets) for b in branches]
 
 
 class UncertaintyLoss(nn.Module):

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
-from .layers import attention_rollout, check_block, glca_block, pwca_block, sa_block
+from .layers import attention_rollout, check_block, embed_tokens, glca_block, pwca_block, sa_block
 from .pretrained import load_pretrained
 
 __all__ = ["DCAL", "DCALOutput", "GLCA", "build_model", "derangement", "eval_mode", "fused_probs", "select_local",
@@ -165,6 +165,11 @@ class DCAL(nn.Module):
             method; ``"uniform"`` and ``"random"`` only to measure what the rollout buys).
         pwca_detach_kv: stop gradients through image 2's keys/values in PWCA (the paper is silent; off).
         grad_checkpointing: recompute SA and PWCA blocks in backward (`torch.utils.checkpoint`).
+
+    Attributes:
+        attention_tiling: on CPU, the explicit attention weights the rollout needs may run in tiles of query
+            rows when the scores are large (True, the default: same numbers, faster); False runs one untiled
+            pass, as on a GPU (`diagnostics.predict_step_memory` sets it to count a GPU step's tensors).
     """
 
     def __init__(
@@ -208,6 +213,7 @@ class DCAL(nn.Module):
         self.glca_selection = glca_selection
         self.pwca_detach_kv = pwca_detach_kv
         self.grad_checkpointing = grad_checkpointing
+        self.attention_tiling = True
         self.num_prefix_tokens = backbone.num_prefix_tokens
         self.grid_size = tuple(backbone.patch_embed.grid_size)
         self.patch_size = tuple(backbone.patch_embed.patch_size)
@@ -227,6 +233,17 @@ class DCAL(nn.Module):
     def num_classes(self) -> int:
         return self.backbone.num_classes
 
+    @property
+    def attention_tiling(self) -> bool:
+        """Whether, on CPU, the explicit attention weights may run in tiles of query rows (see the class)."""
+        return self._attention_tiling
+
+    @attention_tiling.setter
+    def attention_tiling(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ConfigError(f"DCAL.attention_tiling must be a bool, got {type(on).__name__} {on!r}")
+        self._attention_tiling = on
+
     # ----------------------------------------------------------------- forward
     def _run(self, fn, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -235,14 +252,14 @@ class DCAL(nn.Module):
 
     def _run_sa(self, block: nn.Module, h: Tensor, need_weights: bool):
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return sa_block(block, h, need_weights)
+            return sa_block(block, h, need_weights, self.attention_tiling)
         # The attention weights are a no-grad side output: compute them in the forward pass only, not again
         # when backward recomputes the block (which would redo q·kᵀ and the softmax for nothing).
         first = [True]
 
         def fn(t: Tensor):
             nw, first[0] = need_weights and first[0], False
-            return sa_block(block, t, nw)
+            return sa_block(block, t, nw, self.attention_tiling)
 
         return checkpoint(fn, h, use_reentrant=False)
 
@@ -262,7 +279,7 @@ class DCAL(nn.Module):
         L = len(blocks)
         rollout_depth = L if self.glca_placement == "stacked" else L - 1
 
-        h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))  # (B, N, C)
+        h = embed_tokens(bb, x)  # (B, N, C)
         h_pw = h
         weights: list[Tensor] = []
         pwca_weights: list[Tensor] = []
@@ -279,7 +296,8 @@ class DCAL(nn.Module):
                 if self.pwca_detach_kv:
                     k2, v2 = k2.detach(), v2.detach()
                 if pwca_attention:
-                    h_pw, w_pw = pwca_block(blk, h_pw, k2, v2, need_weights=True)  # w_pw (B, N, 2N)
+                    h_pw, w_pw = pwca_block(blk, h_pw, k2, v2, need_weights=True,
+                                             tiling=self.attention_tiling)  # w_pw (B, N, 2N)
                     pwca_weights.append(w_pw)
                 else:
                     h_pw = self._run(lambda t, k_, v_, b=blk: pwca_block(b, t, k_, v_), h_pw, k2, v2)

@@ -21,7 +21,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
@@ -40,7 +39,7 @@ from .config import Config, config_to_dict, derive, validate
 from .distributed import resolve_device, setup_distributed, teardown_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .evaluate import evaluate
-from .loss import BRANCHES, UncertaintyLoss
+from .loss import BRANCHES, UncertaintyLoss, branch_losses
 from .metrics_log import (
     AMP_OVERFLOW,
     METRICS_FILE,
@@ -121,8 +120,7 @@ class Trainer:
         y = batch["label"].to(self.device, non_blocking=True)
         with self.autocast():
             out = self.net(x)
-        logits = {"sa": out.sa_logits, "glca": out.glca_logits, "pwca": out.pwca_logits}
-        branch = {b: F.cross_entropy(logits[b].float(), y) for b in self.branches}
+        branch = dict(zip(self.branches, branch_losses(out, y, self.branches)))
         total = self.loss_fn([branch[b] for b in self.branches])
         return total, branch, out
 

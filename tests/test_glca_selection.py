@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dcal
+from dcal.layers import embed_tokens
 from dcal.model import GLCA_SELECTIONS, select_local
 
 TINY = dict(patch_size=8, embed_dim=48, depth=3, num_heads=3, drop_path_rate=0.0)
@@ -22,7 +23,7 @@ def glca_logits(model, x, local_index):
     bb = model.backbone
     cls = torch.zeros(len(x), 1, dtype=torch.long)
     with torch.no_grad():
-        h = bb.blocks(bb._pos_embed(bb.patch_embed(x)))
+        h = bb.blocks(embed_tokens(bb, x))
         return model.glca(h, torch.cat([cls, local_index + 1], 1))
 
 

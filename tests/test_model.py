@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import dcal
 from dcal.flops import count_flops
-from dcal.layers import attention_rollout
+from dcal.layers import attention_rollout, embed_tokens
 
 TINY = dict(patch_size=8, embed_dim=48, depth=3, num_heads=3)
 
@@ -72,7 +72,7 @@ def naive_rollout(maps):
 def capture_maps(model, x):
     """Head-mean softmax maps of every SA block, computed from the timm modules directly."""
     maps = []
-    h = model.backbone._pos_embed(model.backbone.patch_embed(x))
+    h = embed_tokens(model.backbone, x)
     for blk in model.backbone.blocks:
         a = blk.attn
         y = blk.norm1(h)
@@ -212,7 +212,7 @@ def test_glca_cost_deit_tiny_448_200_classes():
 def glca_on(model, x, query_index):
     bb = model.backbone
     with torch.no_grad():
-        h = bb.blocks(bb._pos_embed(bb.patch_embed(x)))
+        h = bb.blocks(embed_tokens(bb, x))
         return model.glca(h, query_index)
 
 
@@ -316,6 +316,26 @@ def test_every_parameter_of_model_and_loss_gets_a_finite_gradient():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
     assert (loss_fn.log_vars.grad != 0).all()
+
+
+def test_branch_losses_are_the_fp32_cross_entropies_of_the_present_branches():
+    from dcal.loss import branch_losses
+
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = tiny().train()(x, pair_index=torch.tensor([1, 2, 3, 0]))
+    expected = [F.cross_entropy(t, y) for t in (out.sa_logits, out.glca_logits, out.pwca_logits)]
+    for got, want in zip(branch_losses(out, y), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    glca, sa = branch_losses(out, y, ["glca", "sa"])  # in the order asked for
+    torch.testing.assert_close(glca, expected[1])
+    torch.testing.assert_close(sa, expected[0])
+    half = dcal.DCALOutput(out.sa_logits.half(), None, None, out.rollout, out.local_index)
+    (only_sa,) = branch_losses(half, y)  # eval/SA-only outputs: the present branch, computed in fp32
+    assert only_sa.dtype == torch.float32
+    with pytest.raises(ValueError, match="no pwca logits"):
+        branch_losses(half, y, ["sa", "pwca"])
+    with pytest.raises(ValueError, match="unknown branch"):
+        branch_losses(out, y, ["sa", "gcla"])
 
 
 def test_uncertainty_loss_formula():
@@ -461,3 +481,27 @@ def test_tiled_attention_paths_equal_the_untiled_ones(monkeypatch):
     train = no_dropout(tiny()).train()(x, pair_index=torch.tensor([1, 2, 0]))
     torch.testing.assert_close(train.rollout, ref_train.rollout, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(train.pwca_logits, ref_train.pwca_logits, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_tiling_off_runs_one_pass(monkeypatch):
+    """`attention_tiling = False` (what a GPU step runs) never tiles, even where CPU tiling would; the
+    switch belongs to the model, so another model in the same process still tiles."""
+    import dcal.layers as layers
+
+    x = torch.randn(3, 3, 32, 32)
+    untiled, tiled = tiny().eval(), tiny().eval()
+    untiled.attention_tiling = False
+    tiles = []
+    real = layers._add_head_mean
+    monkeypatch.setattr(layers, "_UNTILED_MAX_BYTES", 0)  # CPU would tile any size,
+    monkeypatch.setattr(layers, "_TILE_BYTES", 4 * 3 * 3 * 17 * 5)  # 5 query rows per tile
+    monkeypatch.setattr(layers, "_add_head_mean", lambda a, out: (tiles.append(a.shape), real(a, out)))
+    for grad in (False, True):  # inference (one explicit softmax) and training (SDPA + recomputed weights)
+        with torch.set_grad_enabled(grad):
+            untiled(x)
+            assert tiles == [], "attention_tiling=False tiled the attention"
+            tiled(x)
+            assert tiles, "attention_tiling=True did not tile"
+            tiles.clear()
+    with pytest.raises(dcal.ConfigError, match="attention_tiling must be a bool"):
+        untiled.attention_tiling = "false"
