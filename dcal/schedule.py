@@ -6,10 +6,12 @@ exactly from the LambdaLR state."""
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads only when a scheduler is built: the LR rules are read by torch-free tools
+    import torch
 
 __all__ = ["LR_RULES", "lr_for_rule", "global_batch_size", "warmup_cosine", "build_scheduler"]
 
@@ -69,4 +71,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
     def factor(step: int) -> float:
         return warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, peak=peak, floor=floor) / peak
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, factor)

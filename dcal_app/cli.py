@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_memory)
 
     args = parser.parse_args(argv)
+    if args.command == "doctor":  # reads logs only: no torch (dcal.data imports it), its own exit codes 0-3
+        return args.fn(args)
     from dcal.data.errors import DatasetError
     from dcal.errors import CheckpointError, ConfigError
 

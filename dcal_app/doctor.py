@@ -11,7 +11,6 @@ from pathlib import Path
 from diagnostics.doctor.checks import diagnose_log
 from diagnostics.doctor.common import ModelShape
 from diagnostics.doctor.reading import read_log
-from diagnostics.doctor.report_html import write_html
 from diagnostics.doctor.report_text import format_text, summarize, to_json
 from diagnostics.logimport import CANONICAL_NAMES, FORMATS, LogImportError
 from diagnostics.runlog import METRICS_FILE, RunLogError
@@ -69,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     findings = diagnose_log(log, model=shape)
     print(to_json(findings) if args.json else format_text(findings, summarize(log)))
     if args.html:
+        from diagnostics.doctor.report_html import write_html  # matplotlib: only when a report is asked for
+
         try:
             out = write_html(log, findings, args.html)
         except OSError as e:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from dcal.schedule import LR_RULES, global_batch_size, lr_for_rule
 
 from .runlog import RunLog, as_frames
 from .stats import BRANCHES, finite, has_values
+
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn: the doctor reads this module's rules without it
+    from matplotlib.figure import Figure
 
 __all__ = [
     "BRANCHES", "plot_curves", "plot_uncertainty", "uncertainty_state", "uncertainty_reading",
@@ -43,11 +46,8 @@ def _sns():
 DEFAULT_LOSSES = ("loss_sa", "loss_glca", "loss_pwca")
 DEFAULT_ACCURACIES = ("acc_sa", "acc_glca", "acc_fused")
 
-# |w_i − log ln C| ≤ 0.2 ⇔ effective weight within −18 %/+22 % of ½/ln C. Wide enough for the seed's
-# "≈ 0.08" with C = 200 (15 % under 0.094, since its losses sat a little above ln C).
-CHANCE_W_TOLERANCE = 0.2
-# A loss ≥ 0.9·ln C is at (or worse than) the loss of a uniform guess.
-CHANCE_LOSS_FRACTION = 0.9
+# The chance thresholds are the doctor's: `diagnostics.doctor.rules` states every threshold and why.
+from .doctor.rules import CHANCE_LOSS_FRACTION, CHANCE_W_TOLERANCE  # noqa: E402
 
 
 # --- validation and small helpers
@@ -90,6 +90,8 @@ def _num_classes(data, num_classes: int | None) -> int | None:
 
 
 def _figure(ncols: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, list(axes)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from dcal.loss import BRANCHES  # DCAL's three branches, in the order every record and plot uses
+from dcal.branches import BRANCHES  # DCAL's three branches, in the order every record and plot uses
 
 __all__ = ["BRANCHES", "finite", "has_values", "GrowthFit", "fit_growth"]
 

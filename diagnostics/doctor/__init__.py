@@ -47,8 +47,18 @@ from .checks_records import (
 from .common import LATE_FRACTION, ModelShape
 from .findings import CODES, SEVERITIES, Finding
 from .reading import read_log
-from .report_html import write_html
 from .report_text import format_summary, format_text, summarize, to_json
+
+
+def __getattr__(name: str):
+    # The HTML report draws figures with matplotlib: it loads on first use, so `dcal doctor` without --html
+    # (and `import diagnostics.doctor`) stays light.
+    if name == "write_html":
+        from .report_html import write_html
+
+        return write_html
+    raise AttributeError(f"module 'diagnostics.doctor' has no attribute {name!r}")
+
 
 __all__ = ["Finding", "SEVERITIES", "CODES", "ModelShape", "diagnose", "diagnose_log", "read_log", "summarize",
            "format_text", "format_summary", "to_json", "write_html", "import_finding", "skipped_checks",

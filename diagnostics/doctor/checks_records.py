@@ -8,23 +8,25 @@ import numbers
 import numpy as np
 import pandas as pd
 
-from ..nonfinite import AMP_OVERFLOW
+from dcal.metrics_log import AMP_OVERFLOW  # torch-free (diagnostics.nonfinite re-exports it, with torch)
+
 from ..runlog import METRICS_FILE, RunLog
-from ..selection import STATIC_JACCARD
 from ..stats import BRANCHES, fit_growth, has_values
 from .common import branch_enabled
 from .findings import Finding
+from .rules import (
+    MEM_ERROR_FRACTION,
+    MEM_MIN_GROWTH_FRACTION,
+    MEM_MIN_GROWTH_MB,
+    MEM_MIN_POINTS,
+    MEM_SKIP_FRACTION,
+    MEM_T_STAT,
+    TRUNCATED_STEP_FRACTION,
+)
 
 __all__ = ["check_empty", "check_truncated", "check_nonfinite", "check_memory", "check_selection",
            "MEM_SKIP_FRACTION", "MEM_MIN_POINTS", "MEM_T_STAT", "MEM_MIN_GROWTH_MB", "MEM_MIN_GROWTH_FRACTION",
            "MEM_ERROR_FRACTION"]
-
-# Memory: fit mem_allocated_mb after the first 10 % of steps (allocator and cache warm-up); growth counts
-# when the slope is > 5 standard errors above 0 and the fitted growth is > 5 MB and > 10 % of the start.
-# Growth of half the starting memory or more is an error: a tensor kept alive per step grows without bound.
-MEM_SKIP_FRACTION, MEM_MIN_POINTS, MEM_T_STAT = 0.10, 10, 5.0
-MEM_MIN_GROWTH_MB, MEM_MIN_GROWTH_FRACTION, MEM_ERROR_FRACTION = 5.0, 0.10, 0.5
-
 
 def check_empty(log: RunLog, C) -> Finding | None:
     if log.steps.empty and log.evals.empty:
@@ -139,6 +141,8 @@ def check_selection(log: RunLog, C) -> Finding | None:
     ev = log.evals
     if not has_values(ev, "selection_jaccard"):
         return None
+    from ..selection import STATIC_JACCARD  # torch: only for a run that logged its GLCA selection
+
     s = ev.loc[np.isfinite(ev["selection_jaccard"])]
     last = s.iloc[-1]
     jac = float(last["selection_jaccard"])
