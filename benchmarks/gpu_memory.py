@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import dcal  # noqa: E402
 from diagnostics.memory import MemoryProfiler, oom_snapshot, predict_step_memory, record_history  # noqa: E402
-from diagnostics.memory.predict import _default_optimizer, _Step, default_loss  # noqa: E402
+from diagnostics.memory.step import Batch, Step, default_loss, default_optimizer  # noqa: E402
 
 GOAL = 0.10  # the bar for the GPU: prediction within ±10 % of torch.cuda.max_memory_allocated
 MiB = 2 ** 20
@@ -69,13 +69,13 @@ def measure(backbone: str, img: int, variant: str, amp, batch: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     model = build(backbone, img, variant, "cuda")
     x = torch.randn(batch, 3, img, img, device="cuda")
-    opt = _default_optimizer(model, default_loss)
+    opt = default_optimizer(model, default_loss)
     prof = MemoryProfiler("cuda", source="cuda")
-    step = _Step(model, default_loss, opt, amp, 1, "cuda", _CudaPhases(prof))
+    step = Step(model, default_loss, opt, amp, 1, "cuda", _CudaPhases(prof))
     phases: dict[str, int] = {}
     for first in (True, False):
         prof.step_begin()
-        step.train((x,), first=first)
+        step.train(Batch((x,), {}, ()), first=first)
         for name, mb in prof.step_end()["phase_peaks"].items():
             phases[name] = max(phases.get(name, 0), int(mb * 1e6))
     del model, x, opt, step
