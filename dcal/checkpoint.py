@@ -10,6 +10,7 @@ import torch
 from .callbacks import Callback
 from .config import Config, config_from_dict
 from .errors import CheckpointError
+from .runfolder import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 __all__ = ["Checkpointer", "save_atomic", "load_checkpoint", "config_of_checkpoint", "CHECKPOINT_FORMAT"]
 
@@ -26,13 +27,13 @@ class Checkpointer(Callback):
         self.save_best = save_best
 
     def after_epoch(self, trainer):
-        trainer.save_checkpoint(self.out_dir / "last.pt")
+        trainer.save_checkpoint(self.out_dir / LAST_CHECKPOINT)
         ev = trainer.last_eval
         if self.save_best and ev is not None and ev.get("step") == trainer.step:
             score = ev.get("acc_fused")
             if score is not None and score > trainer.best_score:
                 trainer.best_score = score
-                trainer.save_checkpoint(self.out_dir / "best.pt")
+                trainer.save_checkpoint(self.out_dir / BEST_CHECKPOINT)
 
 
 def save_atomic(state: dict, path: Path) -> None:

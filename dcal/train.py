@@ -1,10 +1,11 @@
 """The trainer: a loop that announces events for callbacks (see `dcal.callbacks`), and `build_trainer`,
 which wires a run from a `Config`.
 
-Logging, checkpointing and every diagnostic are callbacks. The run folder holds `config.yaml` (the resolved
-config with derived values), `metrics.jsonl` (one JSON object per optimiser step and per evaluation,
-flushed as written, and an ``end`` record when the run completes or dies: `dcal.metrics_log`),
-`last.pt`/`best.pt` (written atomically: `dcal.checkpoint`) and `train.log`.
+Logging, checkpointing and every diagnostic are callbacks. The run folder (its layout, records and
+encoding: `dcal.runfolder`) holds `config.yaml` (the resolved config with derived values), `metrics.jsonl`
+(one JSON object per optimiser step and per evaluation, flushed as written, and an ``end`` record when the
+run completes or dies: `dcal.metrics_log`), `last.pt`/`best.pt` (written atomically: `dcal.checkpoint`) and
+`train.log`, all through one `dcal.runfolder.RunWriter`.
 
 The parts live in their own modules and are re-exported here: `dcal.distributed` (process group, shards),
 `dcal.build` (datasets, loaders, model, optimiser from a Config), `dcal.evaluate`, `dcal.checkpoint`,
@@ -21,7 +22,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .build import (
@@ -40,17 +40,18 @@ from .distributed import resolve_device, setup_distributed, teardown_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, RolloutError
 from .evaluate import evaluate
 from .loss import BRANCHES, UncertaintyLoss, branch_losses
-from .metrics_log import (
+from .metrics_log import MetricsLogger, clean_record
+from .model import DCAL
+from .rng import rng_state, seed_everything, set_rng_state
+from .runfolder import (
     AMP_OVERFLOW,
+    LAST_CHECKPOINT,
     METRICS_FILE,
-    MetricsLogger,
-    clean_record,
+    RunWriter,
     end_record,
     metrics_size,
     truncate_metrics,
 )
-from .model import DCAL
-from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import build_scheduler
 
 __all__ = ["Trainer", "MetricsLogger", "Checkpointer", "build_trainer", "load_checkpoint", "evaluate",
@@ -67,11 +68,14 @@ class Trainer:
     def __init__(self, cfg: Config, model: DCAL, loss_fn: UncertaintyLoss, optimizer, scheduler,
                  train_loader: DataLoader, eval_loader: DataLoader, *, out_dir: Path | None,
                  device: torch.device, callbacks: Sequence[Callback] = (), rank: int = 0, world_size: int = 1,
-                 ddp_model: torch.nn.Module | None = None):
+                 ddp_model: torch.nn.Module | None = None, run_writer: RunWriter | None = None):
         self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if run_writer is None and self.out_dir is not None and rank == 0:
+            run_writer = RunWriter(self.out_dir, resume=True)  # build_trainer refuses a folder holding a run
+        self.run_writer = run_writer  # the run folder's one writer (rank 0 only; None without a folder)
         self.device, self.rank, self.world_size = device, rank, world_size
         self.net = ddp_model or model  # what forward runs through (DDP wrapper when distributed)
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
@@ -103,9 +107,8 @@ class Trainer:
 
     def log(self, message: str) -> None:
         self._logger.info(message)
-        if self.out_dir is not None and self.rank == 0:
-            with open(self.out_dir / "train.log", "a", encoding="utf-8") as f:
-                f.write(message + "\n")
+        if self.run_writer is not None:
+            self.run_writer.log(message)
 
     # ------------------------------------------------------------------ one micro-batch
     def autocast(self):
@@ -362,25 +365,26 @@ def build_trainer(cfg: Config, out_dir: str | Path | None, *, callbacks: Sequenc
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     cbs = list(callbacks)
+    writer = None
     if out is not None and rank == 0:
+        writer = RunWriter(out, resume=resume)
         out.mkdir(parents=True, exist_ok=True)
-        cbs += [MetricsLogger(out / METRICS_FILE), Checkpointer(out, t.save_best)]
+        cbs += [MetricsLogger(writer), Checkpointer(out, t.save_best)]
     trainer = Trainer(cfg, model, loss_fn, optimizer, scheduler, train_loader, eval_loader, out_dir=out,
-                      device=device, callbacks=cbs, rank=rank, world_size=world, ddp_model=ddp)
+                      device=device, callbacks=cbs, rank=rank, world_size=world, ddp_model=ddp, run_writer=writer)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-    if out is not None and rank == 0:
-        with open(out / "config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    if writer is not None:
+        writer.write_config(config_to_dict(cfg))
     return trainer
 
 
 def _checkpoint_to_resume(out: Path | None, resume: bool) -> dict | None:
     """last.pt for --resume; refuse to write a new run into a folder that already holds one."""
     if resume:
-        if out is None or not (out / "last.pt").exists():
-            raise CheckpointError(f"--resume: {out}/last.pt does not exist (nothing to resume)")
-        return load_checkpoint(out / "last.pt")
+        if out is None or not (out / LAST_CHECKPOINT).exists():
+            raise CheckpointError(f"--resume: {out}/{LAST_CHECKPOINT} does not exist (nothing to resume)")
+        return load_checkpoint(out / LAST_CHECKPOINT)
     if out is not None and (out / METRICS_FILE).exists() and (out / METRICS_FILE).stat().st_size:
         raise ConfigError(f"{out} already holds a run ({METRICS_FILE}); use --resume to continue it or another --out")
     return None

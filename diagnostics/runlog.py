@@ -3,8 +3,10 @@
 The trainer writes one JSON object per line: ``{"kind": "step", ...}`` per optimiser step and
 ``{"kind": "eval", ...}`` per evaluation, and a run that ends (completed or crashed) a last
 ``{"kind": "end", "status": "completed"|"crashed", "step", "epoch", "exception": null|{"type", "message",
-"where"}}`` (read into `RunLog.end`). A field that does not apply is ``null`` (NaN in a float column);
-extra fields are kept; records of another kind are ignored. A killed run may leave its last line cut
+"where"}}`` (read into `RunLog.end`). The layout, the record kinds and the encoding are `dcal.runfolder`'s
+(the writer's): a field that does not apply is ``null`` (NaN in a float column), a non-finite value the
+string ``"nan"``/``"inf"``/``"-inf"`` (read back as that float; older run folders hold ``null`` there, read as
+NaN too); extra fields are kept; records of another kind are ignored. A killed run may leave its last line cut
 short: that line is dropped with a warning. A malformed line anywhere else is an error naming the file and
 the line, since everything after it would be read out of context.
 """
@@ -20,12 +22,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from dcal.runfolder import CONFIG_FILE, END_STATUSES, METRICS_FILE, decode_record
+
 __all__ = ["RunLog", "RunEnd", "LogSource", "RunLogError", "RunLogWarning", "load_run", "read_metrics",
            "frames_from_records", "as_frames", "run_end_from_record", "METRICS_FILE", "CONFIG_FILE", "END_STATUSES"]
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-END_STATUSES = ("completed", "crashed")
 
 
 class RunLogError(ValueError):
@@ -166,7 +167,7 @@ def _parse_lines(path: Path) -> tuple[list[dict], list[str]]:
             raise RunLogError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
         if "kind" not in rec:
             raise RunLogError(f"{path}:{i + 1}: record has no 'kind' field (expected 'step' or 'eval')")
-        records.append(rec)
+        records.append(decode_record(rec))
     return records, notes
 
 
