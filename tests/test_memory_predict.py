@@ -205,3 +205,75 @@ def test_gpu_script_without_cuda_says_so_and_predicts(tmp_path, capsys, monkeypa
                      "fp16", "--batches", "2", "--variants", "sa", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_memory.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["predicted"] > 0 and "| deit_tiny_patch16_224 | sa | 224 |" in capsys.readouterr().out
+
+
+# ============================================================================ the user's own step (issue 19)
+class PixelViT(nn.Module):
+    """A model called the Hugging Face way: ``model(pixel_values=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, **SMALL)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values)
+
+
+class DictViT(PixelViT):
+    """A model that takes one dict batch: ``model({"image": ...})``."""
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.vit(batch["image"])
+
+
+def user_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, **SMALL)
+
+
+@pytest.mark.parametrize("form", ["snippet", "keyword", "dict_batch", "targets"])
+def test_the_issue_snippet_and_its_forms_equal_the_measured_peak(form):
+    import torch.nn.functional as F
+
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    make, inputs, targets, loss = {
+        "snippet": (user_vit, x, None, lambda out: F.cross_entropy(out, y)),  # a loss closing over real labels
+        "keyword": (PixelViT, {"pixel_values": x}, None, lambda out: F.cross_entropy(out, y)),
+        "dict_batch": (DictViT, ({"image": x},), None, lambda out: F.cross_entropy(out, y)),
+        "targets": (user_vit, x, y, F.cross_entropy),  # loss_fn(output, *targets)
+    }[form]
+    p = predict(make(), inputs, targets, loss_fn=loss, target="cpu")
+    m = measure_step_memory(make(), inputs, targets, loss_fn=loss)
+    assert close(p.peak_bytes, m.peak_bytes), (p.peak_bytes, m.peak_bytes)
+    for phase in ("forward", "backward", "optimizer"):
+        assert close(p.train[phase].peak_bytes, m.train[phase].peak_bytes), phase
+    assert p.train["forward"].composition["inputs"] == x.nbytes + (y.nbytes if targets is not None else 0)
+    assert predict(make(), inputs, targets, loss_fn=loss).peak_bytes >= p.peak_bytes  # the CUDA target runs too
+
+
+def test_real_tensors_read_as_constants_and_loud_errors():
+    import torch.nn.functional as F
+
+    x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
+    weight = torch.rand(10)  # class weights captured by the loss: a constant
+    p = predict(mlp(), x, loss_fn=lambda out: F.cross_entropy(out, y, weight=weight) * (y.max().item() + 1))
+    assert any(f"-> {y.max().item()}" in r for r in p.data_reads)  # the real value, not a stand-in
+    scale = torch.ones(10, requires_grad=True)  # a trainable tensor outside the model: its grad would be fake
+    with pytest.raises(MetaUnsupportedError, match=r"real \(10,\) tensor that requires grad.*nn.Parameter"):
+        predict(mlp(), x, loss_fn=lambda out: F.cross_entropy(out * scale, y))
+    with pytest.raises(TypeError, match="keys must be str"):
+        predict(mlp(), {0: x})
+    with pytest.raises(MetaUnsupportedError, match=r"module 'Branchy\.inner'|module 'Branchy'"):
+        predict(Branchy(), (3, 4), loss_fn=lambda h: h.sum())
+
+
+def test_value_dependent_ops_on_real_labels_are_exact():
+    import torch.nn.functional as F
+
+    x, y = torch.randn(6, 64), torch.tensor([0, 1, 1, 3, 3, 3])
+    def loss(out):  # class-balanced CE: the weights' shape depends on the labels' values
+        w = 1.0 / torch.bincount(y, minlength=10).clamp(min=1).float()
+        return F.cross_entropy(out, y, weight=w)
+    p = predict(mlp(), x, loss_fn=loss, target="cpu")
+    assert close(p.peak_bytes, measure_step_memory(mlp(), x, loss_fn=loss).peak_bytes)

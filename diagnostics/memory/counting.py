@@ -130,23 +130,32 @@ class CategoryTracker(StorageTracker):
         self.data_reads.append(f"{'bool of ' + origin + '()' if origin else 'item()'} {where} -> {value}")
         return value
 
-    def _check_real(self, func, args, kwargs) -> None:
-        """A real tensor that needs a gradient cannot join a meta step: its .grad would be fake."""
+    def _check_real(self, func, args, kwargs) -> bool:
+        """True when the op's tensor arguments are all real (none fake). A real tensor that needs a gradient
+        cannot join a meta step (its .grad would be fake): it raises."""
         from torch._subclasses.fake_tensor import FakeTensor
         from torch.utils._pytree import tree_leaves
 
-        for a in tree_leaves((args, kwargs or {})):
-            if isinstance(a, Tensor) and not isinstance(a, FakeTensor) and a.requires_grad:
+        tensors = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, Tensor)]
+        for a in tensors:
+            if not isinstance(a, FakeTensor) and a.requires_grad:
                 raise MetaUnsupportedError(
                     f"op {func} got a real {tuple(a.shape)} tensor that requires grad {self.where()}, phase "
                     f"{self.phase}: it is neither a parameter of the model nor of loss_fn. Register it on the "
                     f"model (nn.Parameter), or pass the module that owns it as loss_fn (an nn.Module)")
+        return bool(tensors) and not any(isinstance(a, FakeTensor) for a in tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.stand_ins:
             if func is torch.ops.aten._local_scalar_dense.default:
                 return self._read_scalar(args[0])
-            self._check_real(func, args, kwargs)
+            if self._check_real(func, args, kwargs):
+                # Every tensor argument is a real constant (labels): the op runs for real, so values and
+                # value-dependent shapes derived from them (y.max(), bincount(y)) are exact; outputs are counted.
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                with unset_fake_temporarily():
+                    return self.track_outputs(func, func(*args, **(kwargs or {})))
         try:
             return super().__torch_dispatch__(func, types, args, kwargs)
         except MetaUnsupportedError:

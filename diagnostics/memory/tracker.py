@@ -93,7 +93,10 @@ class StorageTracker(TorchDispatchMode):
         self.live.clear()  # the weak references die with it: no callback fires afterwards
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        return self.track_outputs(func, func(*args, **(kwargs or {})))
+
+    def track_outputs(self, func, out):
+        """Count the new storages among an op's outputs (not the views, in-place or out= results); returns `out`."""
         aliased = _aliased_returns(func)
         if isinstance(out, Tensor):
             self.add(out, not (aliased and aliased[0]), func)
