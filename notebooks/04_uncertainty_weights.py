@@ -18,7 +18,8 @@
 # (all around 0.08)", blames "poor initialization and bounds", and fixes it with bounds [−1, 1] and a small
 # random init. This notebook starts from the seed's own log, replays the seed's optimiser on the losses
 # it logged, and checks the replay against the logged w, epoch by epoch. Then it measures what the bounds,
-# the init and the coupled weight decay changed (at the seed's LR: nothing), and ends with the verdicts.
+# the init and the coupled weight decay changed (at the seed's LR: nothing), ends with the verdicts, and says
+# what to look for in your own run.
 
 # %%
 # %matplotlib inline
@@ -38,7 +39,7 @@ np.random.seed(0)
 pd.set_option("display.width", 160)
 
 import dcal
-from dcal_studies.verdicts import combine, judge, report
+from dcal_studies.verdicts import combine, flip, judge, report
 
 SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
 facts = yaml.safe_load((SEED / "facts.yaml").read_text())
@@ -407,6 +408,19 @@ verdicts = [
 print(report(verdicts))
 
 # %% [markdown]
+# The verdicts can fail. "w could reach its equilibrium within the schedule" is refuted because w starts at 0,
+# about 1.6 from log L_i. Perturb that input, the start: initialised at log ln C (the equilibrium of a branch
+# at chance, 1.67 for C = 200), every w starts within a few hundredths of its log L_i, and the same Σlr
+# suffices:
+
+# %%
+W0_CHANCE = math.log(math.log(run["num_classes"]))
+dist_chance = float(np.abs(np.log(SEED_LOSSES) - W0_CHANCE).max())
+print(f"start log ln C = {W0_CHANCE:.2f}: farthest log L_i over the log {dist_chance:.2f} away; Σlr {sum_lr_100:.2f}")
+print(flip(v_eq, judge(v_eq.claim, sum_lr_100, dist_chance, holds_if=">", quantity="Σlr over 100 epochs"),
+           "input: w initialised at log ln C instead of 0"))
+
+# %% [markdown]
 # ## Summary
 #
 # - The seed's log prints the **raw** w (0.0029 at epoch 1 … 0.0834 at epoch 15) and effective weights
@@ -421,3 +435,21 @@ print(report(verdicts))
 # - Neither clamp ever engaged (|w| ≤ 0.0835); the random init wrote to a copy that no loss uses, and even
 #   on the right copy it would only have added noise; the coupled L2 on w changed nothing visible.
 #   What was wrong with the run (the rise of the loss after epoch 4) is notebook 03's subject.
+
+# %% [markdown]
+# ## In your own run
+#
+# - **What to look for in your log**: uncertainty weights (log-variances) w_i that grow by about the learning
+#   rate per optimiser step, all alike whatever the branch losses do, so that after N steps w_i ≈ Σlr; and
+#   far from log L_i, where they would settle. At fine-tuning LRs (1e-5 … 1e-4) w is frozen in practice: the
+#   "learned" weighting is the fixed weighting of its init.
+# - **Which call checks it**: `diagnostics.plot_uncertainty(log)` draws w_i against their equilibrium log L_i
+#   and `diagnostics.uncertainty_reading(log)` says how far apart they are; `dcal doctor RUN` (a run folder)
+#   or `dcal doctor train_log.txt --num-classes C` (any training log) reports `uncertainty-lag`, with the
+#   speed in units of lr and the optimiser steps still needed. Read the effective weights e^{−w} as ½/L_i only
+#   once w has arrived.
+# - **What to change**: give the w_i their own LR group, large enough for Σlr to cover |log L_i − w_i| within
+#   the run (`dcal.param_groups` already keeps them in a group named `uncertainty`, without decay); or start
+#   them at log ln C (`train.uncertainty_init`), the equilibrium of a branch at chance; or use fixed weights.
+#   Never clamp them (`train.uncertainty_bounds` exists only to reproduce the seed) and keep coupled L2 off
+#   them.
