@@ -76,6 +76,9 @@ SETTING_ALIASES: tuple[tuple[str, str], ...] = (
     (r"^(?:num(?:ber)? (?:of )?classes|n classes|classes)$", "num_classes"),
     (r"^(?:steps|iters|iterations|optimi[sz]er steps) per epoch$", "steps_per_epoch"),
     (r"^(?:img|image|input) ?size$|^resolution$", "img_size"),
+    # The run's stated length (for `truncated-log`): mmengine's max_epochs=5, HF's max_steps, "total steps: 10000".
+    (r"^(?:total|max|num(?:ber of)?|planned) (?:train(?:ing)? |optimi[sz]er )?(?:steps|iters|iterations)$", "planned_steps"),
+    (r"^(?:total|max|num(?:ber of)?|n|planned) (?:train(?:ing)? )?epochs$", "planned_epochs"),
 )
 
 # Index columns / keys (CSV, JSON lines, name=value pairs).

@@ -32,14 +32,19 @@ def _unit(r: Reading) -> str:
 
 
 def _records(r: Reading, unit: str) -> list[dict]:
-    out = []
+    out, unindexed = [], []
     for (is_eval, epoch, step), values in r.records.items():
         if unit == "epoch":
             index = epoch
         elif unit == "step":
-            index = step if step is not None else 0
+            index = step
         else:
-            index = -step if step is not None and step < 0 else (step or 0)
+            index = -step if step is not None and step < 0 else step
+        if index is None or (unit != "record" and index is not None and index < 0):
+            # values before the log's first epoch/step marker (e.g. a progress bar ahead of "Epoch 1:"):
+            # they have no place on the run's axis
+            unindexed += [line for _, line in values.values() if line is not None]
+            continue
         rec = {"kind": "eval" if is_eval else "step", "step": index}
         if epoch is not None:
             rec["epoch"] = epoch
@@ -48,6 +53,9 @@ def _records(r: Reading, unit: str) -> list[dict]:
         if bad:
             rec["nonfinite"] = bad  # as the trainer marks a step: the log wrote nan/inf here
         out.append(rec)
+    if unindexed:
+        r.notes.append(f"{len(unindexed)} values before the first {unit} marker (lines {min(unindexed)}–"
+                       f"{max(unindexed)}) were left out: they belong to no {unit}")
     return sorted(out, key=lambda x: (x["step"], x["kind"] == "eval"))
 
 
@@ -88,6 +96,11 @@ def _end(r: Reading) -> tuple[RunEnd | None, list[str]]:
             text = f"{item.type}: {item.message}" if not isinstance(item, tuple) else f"{item[0]}: {item[1]}"
             notes.append(f"line {line}: an exception in the middle of the log ({text[:120]}); the run went on")
     late = [c for c in candidates if c[0] > r.last_metric_line]
+    if r.completed_line is not None and not [c for c in late if c[0] > r.completed_line]:
+        epochs = [k[1] for k in r.records if k[1] is not None]
+        steps = [k[2] for k in r.records if k[2] is not None and k[2] >= 0]
+        return RunEnd(status="completed", epoch=max(epochs, default=None), line=r.completed_line,
+                      step=max(steps, default=None) if r.has_step_markers else None), notes
     if not late:
         return None, notes
     line, item = late[-1]
@@ -152,7 +165,7 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
     if not records and end is None:
         seen = ", ".join(f"{k!r} (line {v})" for k, v in list(r.unrecognised.items())[:12]) or "none"
         raise LogImportError(
-            f"{path}: no metric could be read as a {fmt} log ({r.lines} {r.unit}s; labels seen but not "
+            f"{path}: no metric could be read as a {r.format or fmt} log ({r.lines} {r.unit}s; labels seen but not "
             f"recognised: {seen}"
             + (f"; could not read: line {r.problems[0][0]}: {r.problems[0][1]}" if r.problems else "")
             + "). Name them with --map CANONICAL=NAME (Python: mapping=), or pick the format with --format")
@@ -161,7 +174,7 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
         notes.append("no epoch or step marker in the log: records are numbered in the order they appear")
     spe, spe_source = _steps_per_epoch(r, steps_per_epoch)
     settings = {k: v[0] for k, v in r.settings.items()}
-    source = LogSource(format=fmt, path=path, lines=r.lines, recognised=dict(r.recognised),
+    source = LogSource(format=r.format or fmt, path=path, lines=r.lines, recognised=dict(r.recognised),
                        unrecognised=dict(r.unrecognised), problems=list(r.problems), notes=notes, settings=settings)
     if r.prose_lines:
         source.notes.append(f"{r.prose_lines} {r.unit}s held no value that was read (prose, or only labels not "

@@ -2,13 +2,21 @@
 out-of-memory message (both of PyTorch's wordings: "Tried to allocate 226.00 MiB. GPU 0 has a total
 capacity of 15.89 GiB of which 225.12 MiB is free. ... 14.12 GiB is allocated by PyTorch, and 1.25 GiB is
 reserved by PyTorch but unallocated" and the older "(GPU 0; 15.78 GiB total capacity; 14.01 GiB already
-allocated; 19.69 MiB free; 14.29 GiB reserved in total by PyTorch)")."""
+allocated; 19.69 MiB free; 14.29 GiB reserved in total by PyTorch)").
+
+Tracebacks are read in Python's shape (``Traceback (most recent call last):``, ``  File "x.py", line 3, in f``)
+and IPython's (a rule of dashes, ``RuntimeError    Traceback (most recent call last)``, ``Cell In[16], line 3``,
+``File /path/x.py:347, in f(...)``, numbered source lines with ``-->``), with ANSI colours already removed.
+Out of memory, in every wording PyTorch and its allocators use (`OOM_MARKERS`): the caching allocator's
+"CUDA out of memory. Tried to allocate ...", cudaMalloc's "CUDA error: out of memory", ``OutOfMemoryError``,
+cuDNN/cuBLAS allocation failures, MPS ("MPS backend out of memory") and the CPU allocator
+("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Traceback", "TracebackReader", "parse_oom", "exception_kind", "EXCEPTION_LINE", "UNITS"]
+__all__ = ["Traceback", "TracebackReader", "parse_oom", "exception_kind", "EXCEPTION_LINE", "UNITS", "OOM_MARKERS"]
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -23,12 +31,20 @@ _OOM_FIELDS = {
     "reserved": (rf"{_SIZE} reserved in total by PyTorch",),
     "process_in_use": (rf"has {_SIZE} memory in use",),
 }
-_OOM_MARKERS = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
+OOM_MARKERS = re.compile(
+    r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_(?:NOT_ENOUGH_WORKSPACE|ALLOC_FAILED)"
+    r"|DefaultCPUAllocator: (?:can't|not enough)|can't allocate memory|not enough memory"
+    r"|MemoryError|std::bad_alloc|Cannot allocate memory", re.I)
 _NONFINITE = re.compile(r"\b(?:nan|inf|infinity|non-?finite|not finite)\b", re.I)
 # "torch.OutOfMemoryError: CUDA out of memory. ..." / "ValueError: ..." / "KeyboardInterrupt"
 EXCEPTION_LINE = re.compile(
     r"^(?P<type>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure|Warning))(?::\s?(?P<msg>.*))?$")
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?$')
+# IPython: "File /path/x.py:347, in backward(tensors, ...)" and "Cell In[16], line 3" (or "Input In [4], in <cell line: 2>()")
+_IPY_FRAME = re.compile(r"^\s*File (?P<file>.+?):(?P<line>\d+), in (?P<func>[^(]+)")
+_IPY_CELL = re.compile(r"^\s*(?:Cell In ?\[(?P<cell>\d*)\], line (?P<line>\d+)|Input In \[(?P<cell2>\d*)\])")
+_IPY_HEAD = re.compile(r"^(?P<type>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\s+Traceback \(most recent call last\)")
+_IPY_SOURCE = re.compile(r"^\s*(?:-+>\s*)?\d+\s")  # "    580     )", "--> 581 torch.autograd.backward("
 _LIBRARY = re.compile(r"[/\\](?:site-packages|dist-packages|lib[/\\]python\d[\d.]*)[/\\]")
 # A traceback's message may continue over a few lines (torch's OOM message does not, some do).
 MAX_MESSAGE_LINES = 20
@@ -76,6 +92,7 @@ class TracebackReader:
         self.tracebacks: list[Traceback] = []
         self._tb: Traceback | None = None
         self._in_message = False
+        self._ipython = False
 
     def feed(self, lineno: int, raw: str, stripped: str) -> bool:
         """Args: lineno (1-based), raw (the line as written), stripped (with its log prefix removed)."""
@@ -83,9 +100,30 @@ class TracebackReader:
             self._close()
             self._tb = Traceback(start=lineno)
             return True
+        head = _IPY_HEAD.match(stripped)
+        if head:  # IPython: "RuntimeError      Traceback (most recent call last)"
+            self._close()
+            self._tb = Traceback(start=lineno)
+            self._ipython = True
+            return True
         tb = self._tb
         if tb is None:
             return False
+        if self._ipython and not self._in_message:
+            if not raw.strip() or set(raw.strip()) <= set("-"):
+                return True  # IPython separates its frames by blank lines
+            m = _IPY_FRAME.match(raw) or _IPY_CELL.match(raw)
+            if m:
+                d = m.groupdict()
+                file = d.get("file") or f"Cell In[{d.get('cell') or d.get('cell2') or ''}]"
+                tb.frames.append({"file": file.strip(), "line": int(d["line"]) if d.get("line") else 0,
+                                  "func": (d.get("func") or "").strip()})
+                return True
+            if _IPY_SOURCE.match(raw):
+                code = re.sub(r"^\s*(?:-+>\s*)?\d+\s", "", raw).strip()
+                if raw.lstrip().startswith("-") and tb.frames and code:
+                    tb.frames[-1]["code"] = code  # the arrow marks the line that raised
+                return True
         if self._in_message:
             if not raw.strip() or len(tb.message.splitlines()) >= MAX_MESSAGE_LINES:
                 self._close()
@@ -113,7 +151,7 @@ class TracebackReader:
     def _close(self) -> None:
         if self._tb is not None and self._tb.type is not None:
             self.tracebacks.append(self._tb)
-        self._tb, self._in_message = None, False
+        self._tb, self._in_message, self._ipython = None, False, False
 
     def finish(self) -> list[Traceback]:
         self._close()
@@ -123,7 +161,7 @@ class TracebackReader:
 def exception_kind(type_name: str | None, message: str) -> str:
     """"oom" for an out-of-memory error, "nonfinite" for a NaN/Inf error, else "exception"."""
     text = f"{type_name or ''}: {message}"
-    if _OOM_MARKERS.search(text):
+    if OOM_MARKERS.search(text):
         return "oom"
     if "NonFinite" in (type_name or "") or _NONFINITE.search(message):
         return "nonfinite"

@@ -15,7 +15,10 @@ class Reading:
     ``recognised``: label → canonical name; ``unrecognised``: label → first line; ``problems``: (line, why);
     ``settings``: name → (value, line); ``progress``: progress bars ({line, epoch, n, total, desc, kind});
     ``markers``: (line, "epoch"|"step", n); ``tracebacks`` (`crash.Traceback`); ``exception_lines``:
-    (line, type, message) outside tracebacks; ``percent_labels``: labels whose values were percentages."""
+    (line, type, message) outside tracebacks; ``percent_labels``: labels whose values were percentages;
+    ``format``: the format the reader recognised (`LogSource.format`); ``completed_line``: the line that says
+    the run finished ("Training completed", Keras' "early stopping", HF's final train summary), if any.
+    Settings the issue names for `truncated-log`: ``planned_epochs``/``planned_steps`` (a log's stated end)."""
 
     lines: int = 0
     unit: str = "line"  # what `lines` counts: "line", "row", "event"
@@ -36,3 +39,5 @@ class Reading:
     has_epoch_markers: bool = False
     percent_labels: set = field(default_factory=set)
     prose_lines: int = 0
+    format: str = ""
+    completed_line: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require
 from .aliases import resolve
 from .reading import Reading
 
@@ -21,7 +22,9 @@ def event_files(path: Path) -> list[Path]:
 
 
 def _scalars(folder_or_file: Path) -> dict[str, list]:
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    reader = require("tensorboard.backend.event_processing.event_accumulator",
+                     f"reading the TensorBoard event file {folder_or_file}")
+    SCALARS, EventAccumulator = reader.SCALARS, reader.EventAccumulator  # noqa: N806 (TensorBoard's names)
 
     acc = EventAccumulator(str(folder_or_file), size_guidance={SCALARS: 0})  # 0: keep every event
     acc.Reload()

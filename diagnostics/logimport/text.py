@@ -27,8 +27,17 @@ from dataclasses import dataclass
 from .aliases import SPLIT_WORDS, Label, normalise, resolve, resolve_index, resolve_setting
 from .crash import EXCEPTION_LINE, TracebackReader
 from .reading import Reading
+from .unwrap import unwrap
 
-__all__ = ["read_text", "strip_prefix"]
+__all__ = ["read_text", "strip_prefix", "COMPLETION"]
+
+# A line that says training finished (the run reached its end rather than being cut off).
+COMPLETION = re.compile(
+    r"\b(?:training|train|fit)\s+(?:is\s+|has\s+)?(?:completed?|finished|done|ended)\b|\bfinished training\b"
+    r"|\bdone training\b|\bearly stopping\b|`?Trainer\.fit`? stopped|\bmax_(?:epochs|steps)=\d+`? reached", re.I)
+# A two-column summary table ("Metric   Train   Validation", then "Loss   0.7133   0.6376").
+_TABLE_HEAD = re.compile(r"^(?:metric|name)?\s*(?P<a>train(?:ing)?)\s+(?P<b>val(?:id(?:ation)?)?|test|eval)\s*$", re.I)
+_TABLE_ROW = re.compile(r"^(?P<name>[A-Za-z][\w ()/-]*?)\s{2,}(?P<a>[-+]?\d[\d.eE+-]*|-)(?:\s+(?P<b>[-+]?\d[\d.eE+-]*|-))?\s*$")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Line prefixes, taken off repeatedly: date-times, clock or elapsed times, "[12.3s]", log levels (and any
@@ -38,12 +47,14 @@ _PREFIXES = [re.compile(p, re.I) for p in (
     r"^\[?\d{1,3}:\d{2}(?::\d{2})?(?:[.,]\d+)?\]?(?=\s|$|[\]|\-])",
     r"^\[\s*\d+(?:\.\d+)?\s*(?:s|sec|secs|seconds|ms|min|m|h)\s*\]",
     r"^\d+(?:\.\d+)?\s*(?:s|sec|secs)\s*(?=[|\-\]])",
-    r"^.{0,60}?\b(?:INFO|WARNING|WARN|DEBUG|ERROR|CRITICAL)\b\s*(?::[\w.]+)?\s*[:\-|\]]*",
+    # Level names are matched in capitals only (as `logging` writes them): case-insensitive, "CUDA error:"
+    # in "RuntimeError: CUDA error: out of memory" was taken for a level and the exception's head was lost.
+    r"^(?-i:.{0,60}?(?<![\w(])(?:INFO|WARNING|WARN|DEBUG|ERROR|CRITICAL)(?![\w(]))\s*(?::[\w.]+)?\s*[:\-|\]]*",
     r"^[\-|:>\]\s]+",
 )]
 _TQDM = re.compile(r"(?P<desc>.*?)(?::\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
                    r"\s*(?:\[(?P<inner>[^\]]*)\])?")
-_MARKER = re.compile(r"(?<![\w@])(?P<kind>epoch|step|iter|iteration|global[ _]step)\b['\"]?\s*[:=#]?\s*\[?\s*"
+_MARKER = re.compile(r"(?<![\w@])(?<!best )(?<!best_)(?P<kind>epoch|step|iter|iteration|global[ _]step)\b['\"]?\s*[:=#]?\s*\[?\s*"
                      r"(?P<n>\d+)(?:\s*(?:/|of)\s*(?P<total>\d+))?", re.I)
 _WORD = r"[A-Za-z_][\w.\-/@]*"
 _NAME = rf"(?P<name>{_WORD}(?:[ ](?:\([\w\s\-/]+\)|{_WORD})){{0,4}})"
@@ -89,6 +100,8 @@ class _State:
     step: int | None = None
     section: str | None = None
     metrics_in_line: int = 0
+    table: bool = False  # inside a Train/Validation summary table
+    in_bar: bool = False  # the line being read is a progress bar (its postfix: running per-batch values)
 
 
 class _Reader:
@@ -101,6 +114,8 @@ class _Reader:
         self.lineno = 0
         self.line_split: str | None = None
         self.values_read = 0
+        self.bar_records: dict = {}  # values read from progress-bar postfixes, kept apart (see finish)
+        self.totals: dict = {"epoch": [], "step": []}  # (n, total) of "Epoch 3/26", "[Step 1800/10000]"
 
     # --- one line
     def line(self, lineno: int, raw: str) -> None:
@@ -115,8 +130,13 @@ class _Reader:
         if m and m["msg"] is not None and not m["type"].endswith("Warning"):
             self.out.exception_lines.append((lineno, m["type"], m["msg"].strip()))
             return
+        if COMPLETION.search(body):
+            self.out.completed_line = lineno
+        if self._table(lineno, body):
+            return
         body = _REMARK.sub(r"\g<keep>", body)
         found = self._progress(lineno, body)
+        self.state.in_bar = found is not None
         if found is not None:
             body = found
         before = self.values_read
@@ -141,9 +161,33 @@ class _Reader:
         postfix = inner.split(",", 2)[-1] if inner.count(",") >= 2 else ""  # after elapsed<eta, rate
         return desc + " | " + postfix + " | " + body[m.end():]
 
+    def _table(self, lineno: int, body: str) -> bool:
+        """A Train/Validation summary table: its rows are read as (train, validation) pairs."""
+        if _TABLE_HEAD.match(body):
+            self.state.table = True
+            return True
+        if not self.state.table:
+            return False
+        if set(body) <= set("-=+| "):
+            return True
+        m = _TABLE_ROW.match(body)
+        if not m:
+            self.state.table = False
+            return False
+        for value, split in ((m["a"], "train"), (m["b"], "val")):
+            if value and value != "-":
+                label = resolve(m["name"].strip(), split, self.mapping)
+                if label is not None and re.fullmatch(_NUM, value, re.I):
+                    self.out.recognised.setdefault(f"{m['name'].strip()} ({split} column)", label.name)
+                    self._store(lineno, label, float(value))
+        return True
+
     def _markers(self, body: str) -> None:
         for m in _MARKER.finditer(body):
             n = int(m["n"])
+            kind = "epoch" if m["kind"].lower() == "epoch" else "step"
+            if m["total"] and not self.state.in_bar:
+                self.totals[kind].append((n, int(m["total"]), self.lineno))
             self.out.markers.append((self.lineno, m["kind"].lower(), n))
             if m["kind"].lower() == "epoch":
                 if n != self.state.epoch:
@@ -242,7 +286,8 @@ class _Reader:
                 self.record_counter += 1
                 st.metrics_in_line = lineno
             key = (label.eval, None, -self.record_counter)
-        self.out.records.setdefault(key, {})[label.name] = (value, lineno)
+        target = self.bar_records if self.state.in_bar else self.out.records
+        target.setdefault(key, {})[label.name] = (value, lineno)
         self.values_read += 1
         self.out.last_metric_line = lineno
         if label.eval:
@@ -252,16 +297,48 @@ class _Reader:
 
     def finish(self) -> Reading:
         self.out.tracebacks = self.tb.finish()
+        # A progress bar's postfix holds running per-batch values: read only where no plain line (an epoch
+        # summary, "val_loss=...") gave that record its values.
+        dropped = 0
+        for key, values in self.bar_records.items():
+            if key in self.out.records:
+                dropped += 1
+            else:
+                self.out.records[key] = values
+        if dropped:
+            self.out.notes.append(f"{dropped} records' progress-bar postfix values (running per-batch values) "
+                                  "were left out: the log's summary lines give those records")
+        for kind, seen in self.totals.items():
+            planned = _planned(seen)
+            if planned:
+                self.out.settings.setdefault(f"planned_{kind}s", planned)
         if any(math.isnan(v) for r in self.out.records.values() for v, _ in r.values()):
             self.out.notes.append("some values are NaN (written 'nan' in the log)")
         return self.out
 
 
-def read_text(text: str, mapping: dict[str, str] | None = None) -> Reading:
-    """Read a text log (see the module docstring). `mapping`: the user's names, canonical → label."""
+def _planned(seen: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    """(total, line) when "k/N" markers state the run's length: one N throughout and k never going back
+    (a counter that restarts is per epoch, e.g. "step 40/171" of every epoch: not the run's length)."""
+    if not seen or len({total for _, total, _ in seen}) != 1:
+        return None
+    ns = [n for n, _, _ in seen]
+    if any(b < a for a, b in zip(ns, ns[1:])):
+        return None
+    return seen[0][1], seen[0][2]
+
+
+def read_text(text: str, mapping: dict[str, str] | None = None, *, fmt: str = "text") -> Reading:
+    """Read a text log (see the module docstring). `mapping`: the user's names, canonical → label; `fmt`:
+    the format name the reading reports (the Keras and notebook readers are this reader)."""
     reader = _Reader(mapping)
     lines = text.splitlines()
+    logical, width = unwrap(lines)
     reader.out.lines = len(lines)
-    for i, raw in enumerate(lines, start=1):
+    reader.out.format = fmt
+    if width:
+        reader.out.notes.append(f"hard-wrapped at {width} columns (a console capture): {len(lines)} lines joined "
+                                f"into {len(logical)}; line numbers are the file's")
+    for i, raw in logical:
         reader.line(i, raw)
     return reader.finish()
