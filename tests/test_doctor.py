@@ -375,7 +375,10 @@ def test_empty_log_and_a_sparse_log_still_report(tmp_path, capsys):
     assert main([str(empty), "--html", str(tmp_path / "e.html")]) == 0
     assert "not drawn" in (tmp_path / "e.html").read_text()
     sparse = [{"kind": "step", "step": t, "loss": 1.0 / (t + 1)} for t in range(20)]  # no branch fields at all
-    assert diagnose(write_run(tmp_path / "sparse", sparse)) == []
+    found = diagnose(write_run(tmp_path / "sparse", sparse))
+    # a plain loss could be read against ln C: without C that is said, and nothing else is
+    assert [(f.code, f.evidence["reason"]) for f in found] == [("check-skipped", "num_classes unknown")]
+    assert diagnose(write_run(tmp_path / "sparse", sparse), num_classes=10) == []
 
 
 def test_a_run_that_never_left_warm_up_is_not_called_at_chance(tmp_path):

@@ -19,7 +19,8 @@ from .checks_learning import (
     check_uncertainty_at_chance,
 )
 from .checks_records import check_empty, check_memory, check_nonfinite, check_selection, check_truncated
-from .common import ModelShape
+from .checks_training import check_accuracy_regression, check_divergence, check_overfitting, check_unstable
+from .common import ModelShape, data_losses
 from .findings import SEVERITIES, Finding
 from .reading import read_log
 
@@ -78,10 +79,32 @@ def import_finding(log: RunLog) -> Finding | None:
                     "steps_per_epoch_source": log.steps_per_epoch_source})
 
 
+# Labels of metrics that are not an accuracy: a log that has only these cannot be read for chance or collapse.
+OTHER_METRIC_WORDS = ("f1", "auc", "precision", "recall", "map", "iou", "dice", "mcc", "kappa", "metric", "acc")
+
+
 def _needs_classes(log: RunLog) -> bool:
     st, ev = log.steps, log.evals
-    return (any(has_values(st, f"{k}_{b}") for b in BRANCHES for k in ("loss", "w"))
-            or any(has_values(ev, c) for c in ACCURACY_COLUMNS))
+    return (any(has_values(st, f"w_{b}") for b in BRANCHES) or bool(data_losses(st))
+            or any(has_values(ev, c) for c in ACCURACY_COLUMNS) or has_values(st, "train_acc"))
+
+
+def _no_accuracy(log: RunLog) -> Finding | None:
+    """The accuracy checks cannot run: the log has evaluations (or metric labels) but no validation accuracy."""
+    if any(has_values(log.evals, c) for c in ACCURACY_COLUMNS):
+        return None
+    src = log.source
+    others = [k for k in (src.unrecognised if src is not None else {})
+              if any(w in str(k).lower().replace("-", "_").split("_") or str(k).lower().endswith(w)
+                     for w in OTHER_METRIC_WORDS)]
+    if log.evals.empty and not others:
+        return None
+    said = (f"; the log has {', '.join(repr(k) for k in others[:LIST_LIMIT])}, not read as an accuracy (if one is "
+            "the validation accuracy, pass --map val_acc=NAME)" if others else "")
+    checks = ["chance-level (accuracy)", "accuracy-collapse", "accuracy-regression"]
+    return Finding("check-skipped", "info",
+                   f"{', '.join(checks[:-1])} and {checks[-1]} not checked: no validation accuracy was logged{said}",
+                   {"checks": checks, "reason": "no validation accuracy", "other_metrics": others})
 
 
 def skipped_checks(log: RunLog, C) -> list[Finding]:
@@ -90,10 +113,13 @@ def skipped_checks(log: RunLog, C) -> list[Finding]:
     if not C and _needs_classes(log):
         out.append(Finding(
             "check-skipped", "info",
-            "chance-level and uncertainty-at-chance not checked: the number of classes C is unknown (no eval "
+            "chance-level, uncertainty-at-chance and divergence (a loss far above ln C) not checked: the number "
+            "of classes C is unknown (no eval "
             "record holds num_classes, no config states it, the log does not); pass --num-classes C (Python: "
             "num_classes=C). Without it a run at chance can look healthy",
-            {"checks": ["chance-level", "uncertainty-at-chance"], "reason": "num_classes unknown"}))
+            {"checks": ["chance-level", "uncertainty-at-chance", "divergence"], "reason": "num_classes unknown"}))
+    if not (log.steps.empty and log.evals.empty) and (acc := _no_accuracy(log)) is not None:
+        out.append(acc)
     reason = lag_skipped_reason(log)
     if reason:
         out.append(Finding("check-skipped", "info", f"uncertainty-lag not checked: {reason}",
@@ -113,9 +139,11 @@ def diagnose_log(log: RunLog, *, model=None) -> list[Finding]:
     shape = model_shape(model, log.config)
     findings = [check_empty(log, C), check_truncated(log, C), import_finding(log)]
     if not (log.steps.empty and log.evals.empty):
-        findings += [check(log, C) for check in (check_nonfinite, check_chance, check_uncertainty_at_chance,
-                                                  check_uncertainty_lag, check_clamped, check_collapse,
-                                                  check_loss_rising, check_memory, check_selection, check_lr_rule)]
+        findings += [check(log, C) for check in (check_nonfinite, check_chance, check_divergence,
+                                                  check_uncertainty_at_chance, check_uncertainty_lag, check_clamped,
+                                                  check_collapse, check_accuracy_regression, check_loss_rising,
+                                                  check_overfitting, check_unstable, check_memory, check_selection,
+                                                  check_lr_rule)]
         seen = {f.code for f in findings if f is not None}
         findings.append(check_coupled_wd(log, C, "accuracy-collapse" in seen, "loss-rising" in seen))
     findings += [check_crash(log, C), check_oom(log, C, shape)]

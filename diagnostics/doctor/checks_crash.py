@@ -9,6 +9,7 @@ from ..logimport.crash import UNITS
 from ..runlog import RunLog
 from .common import ModelShape
 from .findings import Finding
+from .rules import OOM_EDGE_FRACTION
 
 __all__ = ["check_crash", "check_oom", "match_attention_maps", "allocation_size", "OOM_ROUNDING_BYTES",
            "OOM_EDGE_FRACTION"]
@@ -20,9 +21,6 @@ __all__ = ["check_crash", "check_oom", "match_attention_maps", "allocation_size"
 ALLOC_ROUND, SMALL_SIZE, SMALL_BUFFER = 512, 2**20, 2 * 2**20
 MIN_LARGE_ALLOC, LARGE_BUFFER, ROUND_LARGE = 10 * 2**20, 20 * 2**20, 2 * 2**20
 OOM_ROUNDING_BYTES = ROUND_LARGE
-# Allocated memory at ≥ 85 % of the GPU's capacity when a request fails: the step itself is at the edge of
-# the memory (a leak shows as growth over steps instead).
-OOM_EDGE_FRACTION = 0.85
 _COMPONENT = {"sa": "SA score map", "glca": "GLCA score map", "pwca": "PWCA score map over 2N keys",
               "rollout_maps": "head-mean attention map kept for the rollout",
               "seed_sa_image2": "score map of a second SA pass for image 2",

@@ -10,36 +10,25 @@ import pandas as pd
 
 from ..runlog import RunLog
 from ..stats import BRANCHES, finite, fit_growth, has_values
-from .common import LABEL, acc_label
+from .common import acc_label, loss_label
 from .findings import Finding
+from .rules import (
+    ACC_FALL_FRACTION,
+    LAG_MIN_GAP,
+    LAG_MIN_RECORDS,
+    LAG_SAME_DIRECTION,
+    LAG_SPEED_RANGE,
+    LR_FLAT_TOLERANCE,
+    RISE_MIN_FRACTION,
+    RISE_MIN_RECORDS,
+    RISE_MIN_RUN_FRACTION,
+    RISE_SMOOTH_DIVISOR,
+    RISE_T_STAT,
+)
 
 __all__ = ["check_uncertainty_lag", "check_loss_rising", "lag_skipped_reason", "LAG_MIN_RECORDS",
            "LAG_SPEED_RANGE", "LAG_SAME_DIRECTION", "LAG_MIN_GAP", "RISE_MIN_RECORDS", "RISE_MIN_FRACTION",
            "RISE_T_STAT", "RISE_MIN_RUN_FRACTION", "LR_FLAT_TOLERANCE", "ACC_FALL_FRACTION"]
-
-# uncertainty-lag. At least 4 records (3 intervals): a speed needs more than one interval to be steady.
-LAG_MIN_RECORDS = 4
-# |Δw| per optimiser step / lr. Adam's step is lr·m̂/√v̂, ≈ lr while the gradient keeps its sign (its speed
-# limit). From 0.5 (a gradient that changes sign now and then, or a rounded printed LR) to 1.5 (above the
-# limit: another optimiser, or a wrong number of steps per epoch) the weight moves at that limit.
-LAG_SPEED_RANGE = (0.5, 1.5)
-# Three quarters of the intervals in the direction of the equilibrium: the gradient keeps its sign.
-LAG_SAME_DIRECTION = 0.75
-# |log L_i − w_i| ≥ 0.5 at the end: the effective weight e^(−w) is still ≥ 1.65× away from its optimum 1/L_i.
-LAG_MIN_GAP = 0.5
-
-# loss-rising. The rising stretch spans at least 4 records and 20 % of the run (one noisy epoch is not a
-# trend), the loss ends ≥ 2 % above its minimum (the seed's SA loss: +4.5 %), and its fitted slope is
-# ≥ 3 standard errors above 0.
-RISE_MIN_RECORDS, RISE_MIN_RUN_FRACTION, RISE_MIN_FRACTION, RISE_T_STAT = 4, 0.2, 0.02, 3.0
-# "Flat or falling": the LR over the stretch never exceeds its value at the stretch's start by more than
-# 5 % (a printed LR is rounded; warm-up, which rises far more, is excluded).
-LR_FLAT_TOLERANCE = 0.05
-# Accuracy falls: it ends at or below 80 % of its value at the start of the stretch.
-ACC_FALL_FRACTION = 0.8
-# Per-step logs are noisy: the loss minimum is found on a rolling mean over 1/20 of the records.
-RISE_SMOOTH_DIVISOR = 20
-
 
 def _optimiser_steps(log: RunLog) -> float | None:
     """Optimiser steps per unit of ``step``: 1 for step records, steps per epoch for epoch records."""
@@ -193,7 +182,7 @@ def check_loss_rising(log: RunLog, C) -> Finding | None:
     if accs and not any(a["fell"] for a in accs.values()):
         return None  # loss up, accuracy not down: over-confidence, not erosion
     unit = log.step_unit
-    parts = [f"{LABEL.get(c.removeprefix('loss_'), c)} loss {r['min']:.4g} → {r['end']:.4g} (+{r['rise_fraction']:.1%}, "
+    parts = [f"{loss_label(c)} {r['min']:.4g} → {r['end']:.4g} (+{r['rise_fraction']:.1%}, "
              f"t = {r['t_stat']:.1f}) over {unit}s {r['from_step']:.0f}–{r['to_step']:.0f}" for c, r in rising.items()]
     lr_text = ("the LR is not logged" if lr is None else
                f"the LR {'is flat' if lr['end'] >= lr['start'] * (1 - LR_FLAT_TOLERANCE) else 'falls'} "

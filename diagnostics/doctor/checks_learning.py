@@ -9,73 +9,94 @@ import numpy as np
 
 from dcal.schedule import global_batch_size, lr_for_rule
 
-from ..curves import CHANCE_LOSS_FRACTION, CHANCE_W_TOLERANCE, uncertainty_state
+from ..curves import uncertainty_state
 from ..runlog import RunLog, config_get
 from ..stats import BRANCHES, finite, has_values
-from .common import LABEL, acc_label, fmt, int_or_none, late_start, longest_streak
+from .common import (
+    LABEL,
+    acc_label,
+    data_losses,
+    fmt,
+    int_or_none,
+    is_branch_column,
+    late_start,
+    longest_streak,
+    loss_label,
+    series,
+)
 from .findings import Finding
+from .rules import (
+    BOUND_ATOL,
+    CHANCE_ACC_FACTOR,
+    CHANCE_ACC_OVERRULES,
+    CHANCE_LOSS_FRACTION,
+    CHANCE_MIN_LATE_RECORDS,
+    CHANCE_W_TOLERANCE,
+    COLLAPSE_FRACTION,
+    DIVERGENCE_LNC_FACTOR,
+    EQUILIBRIUM_W_TOLERANCE,
+    FROZEN_MIN_FRACTION,
+    FROZEN_MIN_STEPS,
+    LR_RULE_RATIO,
+    PINNED_MIN_FRACTION,
+    PINNED_MIN_STEPS,
+)
 
 __all__ = ["check_chance", "check_uncertainty_at_chance", "check_clamped", "check_collapse", "check_lr_rule",
            "check_coupled_wd", "CHANCE_ACC_FACTOR", "COLLAPSE_FRACTION", "BOUND_ATOL", "PINNED_MIN_STEPS",
            "PINNED_MIN_FRACTION", "FROZEN_MIN_STEPS", "FROZEN_MIN_FRACTION", "LR_RULE_RATIO",
            "EQUILIBRIUM_W_TOLERANCE", "ACCURACY_COLUMNS"]
 
-# Accuracy at or under 1.5/C is chance: a small eval set puts a uniform guess anywhere in about 0.5–1.5/C.
-CHANCE_ACC_FACTOR = 1.5
-# Accuracy below half of its best, to the end of the run, is a collapse (the seed's 15.38 % → 1.17 %) rather
-# than noise, which moves accuracy by a few points.
-COLLAPSE_FRACTION = 0.5
-# A w_i held at a clamp bound (within this) for at least max(5 steps, 5 % of the run) is pinned.
-BOUND_ATOL = 1e-6
-PINNED_MIN_STEPS, PINNED_MIN_FRACTION = 5, 0.05
-# Without the config: w exactly constant at a round value (a multiple of ½ other than the init 0) for at
-# least max(20 steps, 10 % of the run) — no optimiser leaves a parameter exactly still that long.
-FROZEN_MIN_STEPS, FROZEN_MIN_FRACTION = 20, 0.10
-# The reference LR is DeiT's 5e-4·global_batch/512; the paper's other reading (per-GPU batch on 4 GPUs)
-# is 4× that, so only a ratio beyond 4 (either way) is a different rule rather than a different reading.
-LR_RULE_RATIO = 4.0
-# w_i has reached its equilibrium log L_i when within 0.25 of it (e^0.25 = 1.28: the effective weight
-# within 28 % of 1/L_i). Only then does ½·e^(−w) read as ½/L_i, and ½/ln C as "at chance".
-EQUILIBRIUM_W_TOLERANCE = 0.25
 # The accuracies the collapse and chance checks read: this project's eval names, and an imported log's
 # validation accuracy.
 ACCURACY_COLUMNS = ("acc_fused", "acc_sa", "acc_glca", "val_acc")
 
 
 def check_chance(log: RunLog, C) -> Finding | None:
+    """Late in the run, a training loss at ln C (DCAL's branch losses, or a plain loss) or an accuracy at
+    most 1.5/C: the model (or those branches) is not learning. A loss ten times ln C is `divergence`."""
     start = late_start(log)
     if not C or start is None:
         return None
     lnC, acc_chance = math.log(C), CHANCE_ACC_FACTOR / C
-    losses, accs = {}, {}
-    if "step" in log.steps.columns:
-        late = log.steps[log.steps["step"] >= start]
-        for b in BRANCHES:
-            col = f"loss_{b}"
-            if has_values(late, col):
-                med = float(finite(late[col]).median())
-                if med >= CHANCE_LOSS_FRACTION * lnC:
-                    losses[b] = med
-    if "step" in log.evals.columns:
-        late = log.evals[log.evals["step"] >= start]
-        for col in ("acc_sa", "acc_glca", "acc_fused", "val_acc"):
-            if has_values(late, col):
-                best = float(finite(late[col]).max())
-                if best <= acc_chance:
-                    accs[col] = best
+    losses, accs, above = {}, {}, {}
+    for df, cols in ((log.evals, ACCURACY_COLUMNS), (log.steps, ("train_acc",))):
+        for col in cols:
+            late = series(df, col, start)[col]
+            if len(late) and float(late.max()) <= acc_chance:
+                accs[col] = float(late.max())
+            elif len(late) and float(late.median()) >= 1 / C + CHANCE_ACC_OVERRULES * (1 - 1 / C):
+                above[col] = float(late.median())
+    for col in _chance_losses(log):
+        late = series(log.steps, col, start)[col]
+        if len(late) >= CHANCE_MIN_LATE_RECORDS and not above:  # an accuracy above chance outweighs a loss
+            med = float(late.median())
+            if CHANCE_LOSS_FRACTION * lnC <= med < DIVERGENCE_LNC_FACTOR * lnC:
+                losses[col] = med
     if not losses and not accs:
         return None
-    parts = [f"{LABEL[b]} loss {fmt(v)} (median) ≥ {CHANCE_LOSS_FRACTION:g}·ln C = "
-             f"{fmt(CHANCE_LOSS_FRACTION * lnC)}" for b, v in losses.items()]
+    parts = [f"{loss_label(c)} {fmt(v)} (median) ≥ {CHANCE_LOSS_FRACTION:g}·ln C = "
+             f"{fmt(CHANCE_LOSS_FRACTION * lnC)}" for c, v in losses.items()]
     parts += [f"{acc_label(c)} accuracy at most {fmt(v)} ≤ {CHANCE_ACC_FACTOR:g}/C = {fmt(acc_chance)}"
               for c, v in accs.items()]
+    branches = any(is_branch_column(c) for c in (*losses, *accs))
+    what = "these branches are not learning" if branches else "the model is not learning: it does no better than a uniform guess"
     unit = log.step_unit
     return Finding("chance-level", "error",
                    f"late in the run ({unit}s ≥ {start:.4g}), with C = {C} (ln C = {lnC:.2f}): " + "; ".join(parts)
-                   + ": these branches are not learning",
+                   + f": {what}",
                    {"num_classes": C, "ln_c": lnC, "window_start_step": start, "step_unit": unit,
-                    "loss_median": losses, "acc_max": {c.removeprefix("acc_"): v for c, v in accs.items()},
-                    "chance_accuracy_threshold": acc_chance})
+                    "loss_median": {c.removeprefix("loss_"): v for c, v in losses.items()},
+                    "acc_max": {c.removeprefix("acc_"): v for c, v in accs.items()},
+                    "chance_accuracy_threshold": acc_chance, "chance_loss_threshold": CHANCE_LOSS_FRACTION * lnC})
+
+
+def _chance_losses(log: RunLog) -> list[str]:
+    """The losses a chance reading applies to: `data_losses`, but not a plain loss of a run that logs DCAL's
+    branches (its total is a sum over the branches, not one cross-entropy)."""
+    cols = data_losses(log.steps)
+    branched = any(is_branch_column(c) and has_values(df, c) for df in (log.steps, log.evals) for c in df.columns)
+    return [c for c in cols if c != "loss" or not branched]
 
 
 def at_equilibrium(st: dict) -> bool | None:

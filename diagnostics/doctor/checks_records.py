@@ -37,8 +37,47 @@ def check_empty(log: RunLog, C) -> Finding | None:
 
 
 def check_truncated(log: RunLog, C) -> Finding | None:
+    """A run folder's cut-off last line (the reader's warnings), or a log that stops before the length it
+    states (``planned_epochs``/``planned_steps`` in its settings) with no completion line and no error."""
     if log.warnings:
         return Finding("truncated-log", "warning", "; ".join(log.warnings), {"warnings": log.warnings})
+    if log.end is not None:  # it completed, or it crashed (then `crash`/`oom` say how)
+        return None
+    short = _short_of_plan(log)
+    if short is None:
+        return None
+    what = "epoch" if "planned_epochs" in short else "step"
+    return Finding("truncated-log", "warning",
+                   f"the log stops at {what} {short['reached']:g} of the {short['planned']:g} it states, with no "
+                   "completion line and no error: the run was stopped from outside (killed, out of time or "
+                   "memory on the host, a closed notebook) or the log is incomplete; its last records are not how "
+                   "the run ended", short)
+
+
+def _last(log: RunLog, col: str) -> tuple[float, float] | None:
+    """(first, last) value of `col` across the step and eval records."""
+    values = pd.concat([pd.to_numeric(df[col], errors="coerce") for df in (log.steps, log.evals) if col in df.columns]
+                       or [pd.Series(dtype=float)]).dropna()
+    return (float(values.min()), float(values.max())) if len(values) else None
+
+
+def _short_of_plan(log: RunLog) -> dict | None:
+    settings = log.source.settings if log.source is not None else {}
+    epochs, steps = settings.get("planned_epochs"), settings.get("planned_steps")
+    epoch_col = "epoch" if any("epoch" in df.columns for df in (log.steps, log.evals)) else (
+        "step" if log.step_unit == "epoch" else None)
+    if isinstance(epochs, numbers.Number) and epochs > 0 and epoch_col and (span := _last(log, epoch_col)):
+        first, reached = span
+        counted_from = 0 if first < 1 else 1  # a log counts epochs from 0 (Lightning) or from 1 (Keras, mmengine)
+        if reached < epochs - 1 + counted_from:
+            return {"planned_epochs": epochs, "planned": epochs, "reached": reached, "counted_from": counted_from}
+    if isinstance(steps, numbers.Number) and steps > 0 and log.step_unit == "step" and (span := _last(log, "step")):
+        reached = span[1]
+        all_steps = np.unique(np.concatenate([df["step"].to_numpy(dtype=float) for df in (log.steps, log.evals)
+                                              if "step" in df.columns and len(df)]))
+        interval = float(np.median(np.diff(all_steps))) if len(all_steps) > 1 else 0.0
+        if steps - reached > max(interval, TRUNCATED_STEP_FRACTION * steps):
+            return {"planned_steps": steps, "planned": steps, "reached": reached, "logging_interval": interval}
     return None
 
 

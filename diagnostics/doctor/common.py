@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 
 from ..runlog import RunLog, config_get
+from ..stats import BRANCHES, has_values
+from .rules import LATE_FRACTION
 
 __all__ = ["LABEL", "LATE_FRACTION", "ModelShape", "branch_enabled", "int_or_none", "late_start",
-           "longest_streak", "fmt", "acc_label", "record_unit"]
+           "longest_streak", "fmt", "acc_label", "record_unit", "data_losses", "loss_label", "series",
+           "is_branch_column"]
 
 LABEL = {"sa": "SA", "glca": "GLCA", "pwca": "PWCA", "fused": "fused"}
 
-# The late window for "is it still at chance?": the last third of the run, or after the LR warm-up if that
-# ends later. Early steps are at chance by construction.
-LATE_FRACTION = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,40 @@ def acc_label(col: str) -> str:
 def record_unit(log: RunLog) -> str:
     """What ``step`` counts, for messages: "step" or "epoch" (or "record")."""
     return log.step_unit
+
+
+def data_losses(steps: pd.DataFrame) -> list[str]:
+    """The training losses that are data losses (a cross-entropy, comparable with ln C): DCAL's branch losses
+    when logged, else a plain ``loss``, unless the log has uncertainty weights (then the total holds the w_i
+    terms and may go negative)."""
+    branches = [f"loss_{b}" for b in BRANCHES if has_values(steps, f"loss_{b}")]
+    if branches:
+        return branches
+    weighted = any(has_values(steps, f"w_{b}") for b in BRANCHES)
+    return [] if weighted or not has_values(steps, "loss") else ["loss"]
+
+
+def is_branch_column(col: str) -> bool:
+    """``loss_sa``, ``acc_glca``, ``train_acc_pwca``: a column of one of DCAL's branches."""
+    return str(col).rsplit("_", 1)[-1] in BRANCHES
+
+
+def loss_label(col: str) -> str:
+    """``loss_sa`` → "SA loss", ``loss`` → "training loss", ``val_loss`` → "validation loss"."""
+    if col == "loss":
+        return "training loss"
+    if col == "val_loss":
+        return "validation loss"
+    branch = col.removeprefix("val_").removeprefix("loss_")
+    return ("validation " if col.startswith("val_") else "") + f"{LABEL.get(branch, branch)} loss"
+
+
+def series(df: pd.DataFrame, col: str, start: float | None = None) -> pd.DataFrame:
+    """``step`` and `col` where `col` is finite (from `start` on, when given), in step order."""
+    if col not in df.columns or "step" not in df.columns:
+        return pd.DataFrame(columns=["step", col])
+    d = df[["step", col]].apply(pd.to_numeric, errors="coerce").dropna()
+    d = d[np.isfinite(d[col].to_numpy(dtype=float))]
+    if start is not None:
+        d = d[d["step"] >= start]
+    return d.sort_values("step", kind="stable").reset_index(drop=True)

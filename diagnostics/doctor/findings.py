@@ -14,7 +14,8 @@ __all__ = ["Finding", "SEVERITIES", "CODES", "jsonable"]
 SEVERITIES = ("error", "warning", "info")
 CODES = ("nonfinite", "chance-level", "uncertainty-at-chance", "uncertainty-clamped", "uncertainty-lag",
          "accuracy-collapse", "loss-rising", "memory-growth", "selection-static", "lr-rule",
-         "coupled-weight-decay", "crash", "oom", "truncated-log", "empty-log", "log-import", "check-skipped")
+         "coupled-weight-decay", "crash", "oom", "truncated-log", "empty-log", "log-import", "check-skipped",
+         "overfitting", "accuracy-regression", "divergence", "unstable")
 
 
 @dataclass
