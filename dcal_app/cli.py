@@ -9,6 +9,8 @@
               [--map CANONICAL=NAME ...] [--steps-per-epoch N] [--backbone B --img-size N --batch-size N]
               [--json] [--html FILE]   a run folder or any training log (text, CSV, JSON lines, TensorBoard)
   dcal memory --preset NAME [--set key=value ...] [--precision fp32|fp16|bf16] [--gpu-memory GiB] [--json]
+  dcal memory --model TIMM_NAME --img-size PX --batch-size B [--num-classes C] [--dcal|--no-dcal]
+              [--optimizer adamw|adam|sgd] [--grad-accum N] [--checkpointing] [--precision ...] [--gpu-memory GiB]
               predict a training step's GPU memory from shapes (meta tensors): will it fit?
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m dcal_app train ...`.
@@ -132,6 +134,9 @@ def cmd_memory(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:  # its own parser (`dcal doctor -h`), exit codes 0-3 and no torch (dcal.data has it)
+        return cmd_doctor(argparse.Namespace(rest=argv[1:]))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="dcal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,18 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_doctor)
 
     p = sub.add_parser("memory", help="predict a training step's GPU memory from shapes (will it fit?)")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the config's train.amp")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", help="the run a preset describes (the trainer's model, loss, optimiser)")
+    what.add_argument("--model", metavar="TIMM_NAME", help="any timm model (with --img-size, --batch-size)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="--preset: override a config field")
+    p.add_argument("--img-size", type=int, help="--model: square input side in pixels")
+    p.add_argument("--batch-size", type=int, help="--model: micro-batch")
+    p.add_argument("--dcal", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model: DCAL on the ViT (default) or the plain timm model (--no-dcal)")
+    p.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="--model (sgd: momentum)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="--model: micro-batches per step")
+    p.add_argument("--checkpointing", action="store_true", help="--model: gradient checkpointing")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the config's train.amp (fp32)")
     p.add_argument("--gpu-memory", type=float, metavar="GiB", help="the GPU's memory: does it fit, largest batch")
-    p.add_argument("--num-classes", type=int, help="default: 200 for cub, the spec's for synthetic")
+    p.add_argument("--sm", type=int, default=8, metavar="MAJOR", help="GPU compute capability major (sizes cuBLASLt)")
+    p.add_argument("--num-classes", type=int, help="default: 200 for cub and --model, the spec's for synthetic")
     p.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_memory)
 
     args = parser.parse_args(argv)
-    if args.command == "doctor":  # reads logs only: no torch (dcal.data imports it), its own exit codes 0-3
-        return args.fn(args)
     from dcal.data.errors import DatasetError
     from dcal.errors import CheckpointError, ConfigError
 

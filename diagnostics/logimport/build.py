@@ -12,7 +12,7 @@ from ..runlog import LogSource, RunEnd, RunLog, frames_from_records
 from .crash import exception_kind
 from .reading import Reading
 
-__all__ = ["to_runlog", "LogImportError"]
+__all__ = ["to_runlog", "LogImportError", "LogReaderFailure"]
 
 # An accuracy column whose largest value is above 1 (and at most 100) is on a 0–100 scale: a fraction
 # cannot exceed 1. Above 100 it is neither, and is reported.
@@ -21,6 +21,16 @@ PERCENT_SCALE_MAX = 100.0
 
 class LogImportError(ValueError):
     """A log that cannot be imported: the message names the file, the format and why (and what was seen)."""
+
+
+class LogReaderFailure(RuntimeError):
+    """A reader failed on a file (a fault of the reader, not of the log): ``path``, ``format``, ``reader`` and
+    the ``error`` it raised; the message is one line naming them (``dcal doctor`` prints it and exits 3)."""
+
+    def __init__(self, path, format: str, reader: str, error: BaseException):
+        self.path, self.format, self.reader, self.error = path, format, reader, error
+        super().__init__(f"{path}: internal failure of the {reader} reader (format {format}): "
+                         f"{type(error).__name__}: {error}")
 
 
 def _unit(r: Reading) -> str:
