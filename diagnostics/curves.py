@@ -32,22 +32,37 @@ __all__ = [
 ]
 
 _BRANCH_LABEL = {"sa": "SA", "glca": "GLCA", "pwca": "PWCA", "fused": "fused"}
-# seaborn's "deep" palette, written out: seaborn is imported on first plot (`_sns`), not with the module.
+# Each branch's colour (seaborn's "deep" palette, written out), the same in every figure.
 _PALETTE = dict(zip(BRANCHES + ("fused", "total"), ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"), strict=True))
 
 
-def _sns():
-    """seaborn, imported on first use: it imports ipywidgets (when installed), which `import diagnostics` must not."""
-    import seaborn
+# Markers for lines told apart by style as well as colour (`plot_lr_rules`).
+_MARKERS = ("o", "X", "s", "P", "D", "^", "v", "*")
 
-    return seaborn
+
+def _line(ax, x, y, **kwargs):
+    """One line through the finite points of (x, y), sorted by x; `kwargs` go to ``ax.plot``."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    order = np.argsort(x[keep], kind="stable")
+    return ax.plot(x[keep][order], y[keep][order], **kwargs)
+
+
+def _lines_by(ax, data: pd.DataFrame, x: str, y: str, by: str, palette: dict | None = None,
+              markers: bool = False, **kwargs) -> None:
+    """One `_line` per value of column `by` (in order of appearance), labelled by it; colours from `palette`
+    or the axes' colour cycle."""
+    for i, (name, group) in enumerate(data.groupby(by, sort=False)):
+        style = dict(kwargs)
+        if palette is not None:
+            style["color"] = palette[name]
+        if markers:
+            style["marker"] = _MARKERS[i % len(_MARKERS)]
+        _line(ax, group[x], group[y], label=str(name), **style)
 
 
 DEFAULT_LOSSES = ("loss_sa", "loss_glca", "loss_pwca")
 DEFAULT_ACCURACIES = ("acc_sa", "acc_glca", "acc_fused")
-
-# The chance thresholds are the doctor's: `diagnostics.doctor.rules` states every threshold and why.
-from .doctor.rules import CHANCE_LOSS_FRACTION, CHANCE_W_TOLERANCE  # noqa: E402
 
 
 # --- validation and small helpers
@@ -178,8 +193,8 @@ def plot_curves(log, metrics: Sequence[str] | str | None = None, *, smooth: int 
             branch = [c.rpartition("_")[2] for c in cols]
             palette = ({c: _PALETTE[b] for c, b in zip(cols, branch)}  # a branch keeps its colour everywhere
                        if all(b in _PALETTE for b in branch) and len(set(branch)) == len(cols) else None)
-            _sns().lineplot(data=data, x="step", y="value", hue="metric", palette=palette, ax=ax, estimator=None,
-                         errorbar=None, marker="o" if source == "eval" else None, markersize=4)
+            _lines_by(ax, data, "step", "value", "metric", palette=palette,
+                      marker="o" if source == "eval" else None, markersize=4)
             ax.legend(title=None, fontsize="small")
             if all(c.startswith("acc") for c in cols):
                 ax.set_ylim(bottom=0)
@@ -287,11 +302,11 @@ def plot_uncertainty(log, *, num_classes: int | None = None, smooth: int | None 
     for b in branches:
         color, name = _PALETTE[b], _BRANCH_LABEL[b]
         w = steps[f"w_{b}"].to_numpy(dtype=float)
-        _sns().lineplot(x=x, y=w, ax=ax_w, color=color, label=f"w {name}", estimator=None, errorbar=None)
-        _sns().lineplot(x=x, y=0.5 * np.exp(-w), ax=ax_e, color=color, label=name, estimator=None, errorbar=None)
+        _line(ax_w, x, w, color=color, label=f"w {name}")
+        _line(ax_e, x, 0.5 * np.exp(-w), color=color, label=name)
         if has_values(steps, f"loss_{b}"):
             loss = _smooth(steps[f"loss_{b}"], window)
-            _sns().lineplot(x=x, y=loss.to_numpy(), ax=ax_l, color=color, label=name, estimator=None, errorbar=None)
+            _line(ax_l, x, loss.to_numpy(), color=color, label=name)
             log_loss = np.log(loss.where(loss > 0)).to_numpy()
             ax_w.plot(x, log_loss, color=color, ls="--", lw=1, label=f"log L {name}")
     if C:
@@ -350,8 +365,9 @@ def plot_lr_schedule(lrs, *, steps: Sequence[int] | None = None, warmup_steps: i
         frames.append(pd.DataFrame({"step": x, "lr": y, "schedule": str(label)}))
     data = pd.concat(frames, ignore_index=True)
     fig, (ax,) = _figure(1, width=6.0)
-    _sns().lineplot(data=data, x="step", y="lr", hue="schedule" if len(series) > 1 else None, ax=ax,
-                 estimator=None, errorbar=None)
+    _lines_by(ax, data, "step", "lr", "schedule")
+    if len(series) > 1:
+        ax.legend(fontsize="small")
     if warmup_steps:
         ax.axvline(warmup_steps, color="grey", ls=":", lw=1)
         ax.annotate(f"end of warm-up ({warmup_steps})", (warmup_steps, 0.02), xycoords=("data", "axes fraction"),
@@ -393,10 +409,14 @@ def plot_lr_rules(table: pd.DataFrame, *, x: str = "batch_size") -> Figure:
     if not np.isfinite(table["lr"]).all() or (table["lr"] <= 0).any():
         raise ValueError("plot_lr_rules: every lr must be finite and positive (the axes are logarithmic)")
     fig, (ax,) = _figure(1, width=6.0)
-    _sns().lineplot(data=table, x=x, y="lr", hue="rule", style="rule", markers=True, dashes=False, ax=ax,
-                 estimator=None, errorbar=None)
+    _lines_by(ax, table, x, "lr", "rule", markers=True)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(title="peak LR per rule", xlabel=x.replace("_", " "), ylabel="lr")
     ax.legend(title=None, fontsize="small")
     return fig
+
+
+# The chance thresholds are the doctor's: `diagnostics.doctor.rules` states every threshold and why. Imported
+# last: importing it runs `diagnostics.doctor`, whose checks import `uncertainty_state` from this module.
+from .doctor.rules import CHANCE_LOSS_FRACTION, CHANCE_W_TOLERANCE  # noqa: E402

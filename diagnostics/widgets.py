@@ -7,12 +7,14 @@ import base64
 from collections.abc import Sequence
 from pathlib import Path
 
-import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from .curves import DEFAULT_ACCURACIES, DEFAULT_LOSSES, plot_curves, plot_uncertainty
+from .extras import require
 from .figures import png_bytes
 from .runlog import METRICS_FILE, RunLog, RunLogError, load_run
+
+widgets = require("ipywidgets", "the run explorer (diagnostics.run_explorer)")
 
 __all__ = ["RunExplorer", "run_explorer"]
 

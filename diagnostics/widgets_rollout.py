@@ -12,7 +12,6 @@ import base64
 import math
 from collections.abc import Callable, Sequence
 
-import ipywidgets as widgets
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -28,7 +27,10 @@ from .attention import (
     plot_rollout,
     rollout_of,
 )
+from .extras import require
 from .figures import png_bytes
+
+widgets = require("ipywidgets", "the rollout explorer (diagnostics.rollout_explorer)")
 
 __all__ = ["RolloutExplorer", "rollout_explorer"]
 

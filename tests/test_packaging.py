@@ -97,3 +97,51 @@ def test_make_lint_covers_the_notebook_twins_and_make_test_runs_it():
     paths = re.search(r"^LINT_PATHS := (.+)$", make, re.M).group(1).split()
     assert {"dcal", "diagnostics", "tests", "benchmarks", "tools", "notebooks/*.py"} <= set(paths)
     assert re.search(r"^test: .*\blint\b", make, re.M)
+
+
+def _without(package: str, code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where `package` cannot be imported (as without its extra)."""
+    return run_python(f"import sys\nsys.modules[{package!r}] = None\n" + code)
+
+
+def test_doctor_on_a_tensorboard_file_without_tensorboard_names_the_extra(tmp_path):
+    events = tmp_path / "events.out.tfevents.1700000000.host"
+    events.write_bytes(b"\x00" * 64)  # the reader is never reached: its import fails first
+    r = _without("tensorboard", f"from dcal_app.doctor import main\nsys.exit(main([{str(events)!r}]))")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "needs the tensorboard package" in r.stderr and "pip install 'dcal[diagnostics]'" in r.stderr
+    assert str(events) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_explorers_without_ipywidgets_name_the_extra():
+    code = """
+import diagnostics
+from diagnostics.extras import MissingExtraError
+for name in ("run_explorer", "rollout_explorer"):
+    try:
+        getattr(diagnostics, name)
+    except MissingExtraError as e:
+        print(name, e)
+"""
+    r = _without("ipywidgets", code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("pip install 'dcal[diagnostics]'" in line for line in lines), lines
+    assert "run explorer" in lines[0] and "rollout explorer" in lines[1]
+
+
+def test_require_passes_on_an_error_inside_an_installed_package(tmp_path):
+    """Only a missing package becomes MissingExtraError; a broken import inside one keeps its own error."""
+    from diagnostics.extras import MissingExtraError, require
+
+    with pytest.raises(ValueError, match="not an optional package"):
+        require("seaborn", "a plot")
+    broken = tmp_path / "tensorboard"  # an installed tensorboard whose own import fails
+    broken.mkdir()
+    (broken / "__init__.py").write_text("import a_dependency_that_is_missing\n")
+    r = run_python(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom diagnostics.extras import require\n"
+                   "require('tensorboard.backend.event_processing.event_accumulator', 'x')")
+    assert r.returncode != 0 and "MissingExtraError" not in r.stderr
+    assert "No module named 'a_dependency_that_is_missing'" in r.stderr
+    assert issubclass(MissingExtraError, ImportError)
+

@@ -20,11 +20,24 @@ def test_environment_yml_parses_and_defers_to_pyproject():
     assert all(isinstance(d, dict) or str(d).split("=")[0] in ("python", "pip") for d in deps)
 
 
-def test_pyproject_declares_the_required_dependencies():
+def _names(requirements: list[str]) -> set[str]:
+    return {d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower() for d in requirements}
+
+
+def test_pyproject_core_is_light_and_the_extras_hold_the_rest():
+    """Core = what `import dcal` and `dcal train` need; notebooks, tests and TensorBoard come with extras."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in meta["dependencies"]}
-    assert {"torch", "timm", "jupyterlab", "ipywidgets", "matplotlib", "seaborn", "pandas", "nbval"} <= names
-    assert "pytest" in " ".join(meta["optional-dependencies"]["dev"])
+    core, extras = _names(meta["dependencies"]), meta["optional-dependencies"]
+    assert {"torch", "torchvision", "timm", "numpy", "pyyaml", "pandas", "matplotlib"} <= core
+    assert not core & {"jupyterlab", "nbval", "seaborn", "tensorboard", "ipywidgets", "pytest", "jupytext"}, core
+    assert "seaborn" not in {n for reqs in extras.values() for n in _names(reqs)}  # ax.plot does its job
+    assert {"ipywidgets", "tensorboard"} <= _names(extras["diagnostics"])
+    assert {"jupyterlab", "jupytext", "nbclient"} <= _names(extras["notebooks"])
+    assert {"pytest", "nbval", "ruff"} <= _names(extras["dev"])
+    # `make test` / environment.yml install .[dev], which must pull in the other extras.
+    assert any(d.replace(" ", "") in ("dcal[diagnostics,notebooks]", "dcal[notebooks,diagnostics]") for d in extras["dev"])
+    assert "dcal[diagnostics]" in extras["notebooks"]
+    assert 'pip install -e ".[dev]"' in (ROOT / "Makefile").read_text()
     assert meta["scripts"]["dcal"] == "dcal_app.cli:main"
 
 

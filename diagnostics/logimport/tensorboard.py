@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..extras import require
+from ..extras import MissingExtraError, require
 from .aliases import resolve
+from .build import LogImportError
 from .reading import Reading
 
 __all__ = ["read_tensorboard", "event_files"]
@@ -22,8 +23,11 @@ def event_files(path: Path) -> list[Path]:
 
 
 def _scalars(folder_or_file: Path) -> dict[str, list]:
-    reader = require("tensorboard.backend.event_processing.event_accumulator",
-                     f"reading the TensorBoard event file {folder_or_file}")
+    try:
+        reader = require("tensorboard.backend.event_processing.event_accumulator",
+                         f"reading the TensorBoard event file {folder_or_file}")
+    except MissingExtraError as e:  # the user's environment, not a fault of the reader: dcal doctor exits 2
+        raise LogImportError(str(e)) from e
     SCALARS, EventAccumulator = reader.SCALARS, reader.EventAccumulator  # noqa: N806 (TensorBoard's names)
 
     acc = EventAccumulator(str(folder_or_file), size_guidance={SCALARS: 0})  # 0: keep every event
