@@ -107,7 +107,7 @@ def check_overfitting(log: RunLog, C) -> Finding | None:
                f"{fmt(r['train_loss_end'])}: the model fits the training set ever better and the held-out set worse. "
                "Stop at the minimum (early stopping, the best checkpoint) or regularise more (augmentation, "
                "weight decay, a smaller model)")
-    elif (r := _gap_overfit(log)) is not None:
+    elif series(log.evals, "val_loss").empty and (r := _gap_overfit(log)) is not None:  # no val loss to read
         msg = (f"training accuracy pulls away from validation accuracy: the gap widens from {r['gap_first_half']:.2f} "
                f"(first half, median) to {r['gap_end']:.2f} (last {OVERFIT_MIN_EVALS} evaluations: train "
                f"{r['train_acc_end']:.2%}, validation {r['val_acc_end']:.2%}) while validation accuracy gains nothing "
@@ -227,8 +227,8 @@ def _oscillation(d: pd.DataFrame, col: str, C) -> dict | None:
     v = half[col].to_numpy(dtype=float)
     dv = np.diff(v)
     scale = math.log(C)
-    if len(dv) < 2:
-        return None
+    if len(dv) < 2 or float(np.median(v)) >= DIVERGENCE_LNC_FACTOR * scale:
+        return None  # swings of a loss that blew up are `divergence`
     swing = float(np.median(np.abs(dv)))
     signs = np.sign(dv[dv != 0])
     flips = float((signs[1:] != signs[:-1]).mean()) if len(signs) > 1 else 0.0
@@ -259,7 +259,7 @@ def check_unstable(log: RunLog, C) -> Finding | None:
     unit = log.step_unit
     parts = [f"the {loss_label(c)} swings between {fmt(r['min'])} and {fmt(r['max'])} over {unit}s "
              f"{r['from_step']:.0f}–{r['to_step']:.0f} (median step-to-step change {fmt(r['median_swing'])} = "
-             f"{r['median_swing'] / r['scale']:.2f} × {r['scale_is']}, direction flips in {r['sign_changes']:.0%} of "
+             f"{r['median_swing'] / r['scale']:.2g} × {r['scale_is']}, direction flips in {r['sign_changes']:.0%} of "
              f"records, no trend: t = {r['t_stat']:.1f})" for c, r in found.items()]
     return Finding("unstable", "warning",
                    "; ".join(parts) + ": the optimisation oscillates instead of converging (an LR too high for the "
