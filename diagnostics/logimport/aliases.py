@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from ..stats import BRANCHES
 
 __all__ = ["METRIC_ALIASES", "SETTING_ALIASES", "SPLIT_WORDS", "STEP_NAMES", "EVAL_NAMES", "CANONICAL_NAMES",
-           "INDEX_ALIASES", "Label", "normalise", "resolve", "resolve_setting", "resolve_index", "parse_mapping"]
+           "INDEX_ALIASES", "GUESSED_VAL_ALIASES", "Label", "normalise", "resolve", "resolve_setting", "resolve_index",
+           "parse_mapping", "is_guess"]
 
 # Words that name the split a metric was measured on; `test` and `eval` are read as validation (the
 # held-out set the accuracy-collapse check reads).
@@ -92,7 +93,13 @@ EVAL_NAMES = (("val_acc", "val_acc_top5", "val_loss", "acc_fused")
               + tuple(f"acc_{b}" for b in BRANCHES) + tuple(f"val_loss_{b}" for b in BRANCHES))
 CANONICAL_NAMES = STEP_NAMES + EVAL_NAMES
 
+# Names that are the validation accuracy only by inference: a log that writes a single validation "metric"
+# or "score" (``Val Metric: 59.32``, as the predecessor's trainer did) usually means its accuracy. Read as
+# val_acc only with a validation split word, and `is_guess` lets the importer say it guessed.
+GUESSED_VAL_ALIASES: tuple[tuple[str, str], ...] = ((r"^(?:metric|score|main metric)$", "acc"),)
+
 _COMPILED = [(re.compile(p), name) for p, name in METRIC_ALIASES]
+_GUESSED = [(re.compile(p), name) for p, name in GUESSED_VAL_ALIASES]
 _SETTINGS = [(re.compile(p), name) for p, name in SETTING_ALIASES]
 _INDEX = {k: re.compile(p) for k, p in INDEX_ALIASES.items()}
 
@@ -166,7 +173,15 @@ def _resolve(label: str, default_split: str | None, mapping: tuple) -> Label | N
             if scale != 1.0 and not base.startswith("mem_"):
                 return None  # a unit word on something that is not memory: not this metric
             return Label(out.name, out.eval, percent, scale)
+    if split == "val" and scale == 1.0 and any(p.match(text) for p, _ in _GUESSED):
+        return Label("val_acc", True, percent)
     return None
+
+
+def is_guess(label: str) -> bool:
+    """Whether `label` resolves to val_acc only through `GUESSED_VAL_ALIASES` (the importer says so)."""
+    words = _split(normalise(label).split())[1]
+    return any(p.match(" ".join(words)) for p, _ in _GUESSED)
 
 
 @functools.lru_cache(maxsize=4096)

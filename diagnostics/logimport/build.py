@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runlog import LogSource, RunEnd, RunLog, frames_from_records
+from .aliases import is_guess
 from .crash import exception_kind
 from .reading import Reading
 
@@ -170,6 +171,11 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
     unit = _unit(r)
     records = _records(r, unit)
     notes = list(r.notes) + _normalise_percent(records, r)
+    guessed = [label for label, name in r.recognised.items() if name == "val_acc" and is_guess(label)]
+    if guessed:
+        notes.append(f"{', '.join(repr(g) for g in guessed)} read as the validation accuracy: the log names it only "
+                     "a validation metric/score, the only one it logs; if it is not an accuracy, the accuracy "
+                     "findings do not apply (--map val_acc=NAME names the accuracy)")
     end, end_notes = _end(r)
     notes += end_notes
     if not records and end is None:
