@@ -13,8 +13,22 @@ timm's arithmetic and silently go wrong on variants with q/k norms, rotary embed
 
 Hook points, per captured module: an ``nn.Dropout`` module's input (``attn_drop`` itself), an ``nn.Softmax``
 module's output, or a module holding one of those as its child ``attn_drop`` (or an ``nn.Softmax`` child).
-A module called several times in one forward (the seed's attention runs twice per block) gives one map per
-call, keyed by call order, counted afresh at each forward of the model.
+A module called several times in one forward (the predecessor's attention runs twice per block) gives one map
+per call, keyed by call order, counted afresh at each forward of the model.
+
+Built on `timm.utils.AttentionExtract` (``method="hook"``): its hooks (timm's `FeatureHooks`, forward
+pre-hooks on the ``attn_drop`` inputs, forward hooks on the ``nn.Softmax`` outputs) collect the maps. What it
+cannot serve by itself, and what this module adds around it:
+
+* fused attention: AttentionExtract reads ``attn_drop``, which a fused timm model never calls (it would
+  capture nothing); the ``fused_attn`` switch above stays here.
+* one map per call: its hooks keep the last map of each module per forward (``get_output`` once, after the
+  forward), so a module called twice would lose its first call; a hook placed after timm's on each hook point
+  takes the map out right after every call, which also lets a capture span several forwards.
+* the checks: the shape and row-sum check runs before timm's hook stores the map, so a malformed map fails
+  naming the module and the call, not inside timm's hook.
+* clean exit: AttentionExtract puts the model in eval (or train) mode when built and never removes its hooks;
+  the mode of every module is restored at once, and its hooks are removed on exit.
 
 Errors (`AttentionCaptureError`) name the module: no hook point; a captured module that recorded nothing
 (it ran fused attention, or was not called); a map that is not (B, H, Nq, Nk) or whose rows do not sum to 1.
@@ -27,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.utils import AttentionExtract
 from torch import Tensor
 
 from dcal.layers import attention_rollout
@@ -103,6 +118,8 @@ class AttentionCapture:
         self._calls: dict[str, int] = {}
         self._handles: list[Any] = []
         self._fused: list[tuple[nn.Module, Any]] = []
+        self._extracts: list[AttentionExtract] = []
+        self._taken: dict[str, Tensor | None] = {}  # the map the guard checked, per captured module
 
     # ------------------------------------------------------------------ which modules
     def _resolve(self, modules: Any) -> list[tuple[str, nn.Module]]:
@@ -138,20 +155,29 @@ class AttentionCapture:
     def __enter__(self) -> AttentionCapture:
         if self._handles:
             raise RuntimeError("capture_attention is already active (it is not re-entrant)")
-        self.maps, self._calls = {}, {}
+        self.maps, self._calls, self._taken = {}, {}, {}
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
             table = dict(self.model.named_modules())
+            point_name = {id(m): n for n, m in self.model.named_modules()}
+            points: dict[str, list[tuple[str, nn.Module]]] = {"input": [], "output": []}
             for name, m in self.targets:
                 point, where = _hook_point(name, m)
                 owner = m if point is not m else table.get(name.rpartition(".")[0], m)
                 if hasattr(owner, "fused_attn"):
                     self._fused.append((owner, owner.fused_attn))
                     owner.fused_attn = False  # the eager path: the softmax weights exist and pass attn_drop
+                # The check, before timm's hook stores the map (hooks run in the order they were added).
                 if where == "input":
-                    self._handles.append(point.register_forward_pre_hook(self._recorder(name, where)))
+                    self._handles.append(point.register_forward_pre_hook(self._guard(name, where)))
                 else:
-                    self._handles.append(point.register_forward_hook(self._recorder(name, where)))
+                    self._handles.append(point.register_forward_hook(self._guard(name, where)))
+                points[where].append((name, point))
+            for where, items in points.items():
+                if items:
+                    self._extract(where, [point_name[id(pt)] for _, pt in items])
+                for name, point in items:  # after timm's hook: take the map it stored for this call
+                    self._handles.append(point.register_forward_hook(self._collector(name)))
         except BaseException:
             self.remove()
             raise
@@ -163,8 +189,28 @@ class AttentionCapture:
             self.check()
         return False
 
+    def _extract(self, where: str, names: list[str]) -> None:
+        """timm's AttentionExtract on the hook points `names`: its hooks collect the maps. It sets the model's
+        train/eval mode when built: every module's mode is put back at once."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            extract = AttentionExtract(self.model, names=names, method="hook",
+                                       hook_type="forward_pre" if where == "input" else "forward",
+                                       mode="train" if self.model.training else "eval")
+        finally:
+            for m, training in modes:
+                m.training = training
+        if sorted(extract.names) != sorted(names):
+            raise AttentionCaptureError(f"capture_attention: timm's AttentionExtract matched {extract.names} for "
+                                        f"the hook points {names}")
+        self._extracts.append(extract)
+
     def remove(self) -> None:
         """Remove every hook and restore ``fused_attn`` (idempotent; `__exit__` calls it)."""
+        extracts, self._extracts = self._extracts, []
+        for extract in extracts:
+            for h in extract.hooks._handles:  # timm's FeatureHooks keeps its handles here and has no remove()
+                h.remove()
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
@@ -194,15 +240,32 @@ class AttentionCapture:
         self._calls = {}  # call order is counted per forward of the model
         return None
 
-    def _recorder(self, name: str, where: str) -> Callable:
-        def record(module, args, output=None):
+    def _guard(self, name: str, where: str) -> Callable:
+        """Counts the calls and checks a kept map, before timm's hook stores it."""
+        def guard(module, args, output=None):
             a = args[0] if where == "input" else output
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
-            if self._keep(name, call):
-                self._store(name, call, self._validate(name, call, a))
+            self._taken[name] = self._validate(name, call, a) if self._keep(name, call) else None
             return None
-        return record
+        return guard
+
+    def _collector(self, name: str) -> Callable:
+        """Takes the map timm's hook stored for this call (its hooks keep one per module) and keeps it."""
+        def collect(module, args, output):
+            checked = self._taken.pop(name, None)
+            stored = {}
+            for extract in self._extracts:
+                for dev in list(extract.hooks._feature_outputs):  # FeatureHooks keys its maps by device
+                    stored.update(extract.hooks.get_output(dev))
+            if checked is not None:
+                a = next(iter(stored.values()), None)
+                if a is not checked:
+                    raise AttentionCaptureError(f"{name or '<model>'}: timm's AttentionExtract did not record the map "
+                                                "this call passed (its hook did not run)")
+                self._store(name, self._calls[name] - 1, self._reduce(a))
+            return None
+        return collect
 
     def _keep(self, name: str, call: int) -> bool:
         if self.select is None:
@@ -222,6 +285,9 @@ class AttentionCapture:
             raise AttentionCaptureError(f"{name or '<model>'} (call {call}): map {tuple(a.shape)} is not softmax weights: its "
                                         f"rows sum to 1 ± {err:.3g} (tolerance {_row_tolerance(a.dtype):.3g} for "
                                         f"{a.dtype})")
+        return a
+
+    def _reduce(self, a: Tensor) -> Tensor:
         a = a.detach()
         return a.float().mean(dim=1) if self.heads == "mean" else a  # (B, Nq, Nk) or (B, H, Nq, Nk)
 

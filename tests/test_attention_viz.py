@@ -433,6 +433,27 @@ def test_capture_reads_a_fused_timm_vit_and_changes_nothing(images):
     torch.testing.assert_close(mean["blocks.1.attn"][0], ref[1].mean(1), atol=1e-6, rtol=1e-5)
 
 
+def test_capture_is_timms_attention_extract_and_leaves_the_model_as_it_was(model, images):
+    """The maps come through timm.utils.AttentionExtract's hooks; it sets eval/train mode when built and never
+    removes its hooks: the capture restores both. On DCAL's backbone (the SA branch's timm ViT) the rollout of
+    the captured maps is DCAL's own rollout."""
+    from timm.models._features import FeatureHooks
+
+    vit = timm_vit().train()
+    vit.blocks[1].eval()  # a mixed mode AttentionExtract(mode="train") would overwrite
+    with capture_attention(vit) as cap, torch.no_grad():
+        assert [type(e.hooks) for e in cap._extracts] == [FeatureHooks]
+        assert vit.training and not vit.blocks[1].training and vit.blocks[0].training
+        vit(images[:2])
+    assert hook_total(vit) == 0 and len(cap.maps) == 2
+    with torch.no_grad():
+        out = model.eval()(images[:4])
+    cap = capture_attention(model.backbone, select=0)
+    cap(images[:4])
+    torch.testing.assert_close(cap.rollout()[:, model.backbone.num_prefix_tokens:], out.rollout.float(),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_a_module_called_twice_is_keyed_by_call_order():
     from timm.layers import Attention
 
