@@ -161,13 +161,19 @@ def check_accuracy_regression(log: RunLog, C) -> Finding | None:
             tr = series(log.steps, loss[0])
             at_best, after = _value_at(tr, loss[0], r["best_step"]), tr[tr["step"] > r["best_step"]][loss[0]]
             if at_best is not None and len(after):
+                peak_step = float(tr.loc[after.idxmax(), "step"])
                 r["train_loss_at_best"], r["train_loss_max_after"] = at_best, float(after.max())
-                text += (f"; the {loss_label(loss[0])} was {fmt(at_best)} at the best and reached "
-                         f"{fmt(float(after.max()))} after it")
+                text += (f"; the {loss_label(loss[0])} was {fmt(at_best)} at the best and jumped to "
+                         f"{fmt(float(after.max()))} ({unit} {peak_step:.0f})")
+                lr = series(log.steps, "lr")
+                lr0, lr1 = _value_at(lr, "lr", r["best_step"]), _value_at(lr, "lr", peak_step)
+                if lr0 is not None and lr1 is not None:
+                    r["lr_at_best"], r["lr_at_loss_peak"] = lr0, lr1
+                    text += f" while the LR {'rose' if lr1 > lr0 else 'did not rise'} ({lr0:.3g} → {lr1:.3g})"
         parts.append(text)
     return Finding("accuracy-regression", "warning",
                    "; ".join(parts) + ". The run lost what it had learned and did not win it back: keep the best "
-                   "checkpoint, and look at what changed at the drop (the LR schedule, a restart, the data)",
+                   "checkpoint, and look at what changed at the drop (a resume from a checkpoint, the data, a schedule)",
                    {"columns": found, "num_classes": C, "step_unit": unit, "min_drop": REGRESSION_MIN_DROP,
                     "min_drop_fraction": REGRESSION_MIN_FRACTION, "min_evals": REGRESSION_MIN_EVALS})
 
