@@ -105,12 +105,15 @@ class Config:
 
 
 def _demo() -> Config:
+    # 3 epochs (186 steps) meet the demo's goals with a margin (fused accuracy >= 0.90, the top-1 selected
+    # patch on the part >= 0.80): 0.998-1.000 and 0.90-0.91 over seeds 0, 1, 2, in about 47 s of CPU time on
+    # one thread; the former 8 epochs reached the same accuracy (top-1 0.97) in 2.7x the time (README).
     return Config(
         model=ModelConfig(backbone="vit_tiny_patch16_224", pretrained=str(PRETRAINED_DIR / "dcal_vit_p8_synth.safetensors"),
                           timm_kwargs=dict(SMALL_VIT), drop_path_rate=0.0),
         data=DataConfig(format="synthetic", img_size=64, resize_size=64,
                         synthetic=dict(num_classes=10, seed=0)),
-        train=TrainConfig(epochs=8, batch_size=32, lr_rule="linear", base_lr=5e-3, warmup_epochs=1,
+        train=TrainConfig(epochs=3, batch_size=32, lr_rule="linear", base_lr=5e-3, warmup_epochs=1,
                           weight_decay=0.05),
     )
 

@@ -104,8 +104,8 @@ def test_booleans_only_from_the_six_words(text, value):
 
 
 def test_numbers_are_parsed_not_strings():
-    cfg = apply_overrides(preset("demo"), ["train.base_lr=5e-4", "train.epochs=3", "data.root=123"])
-    assert cfg.train.base_lr == 5e-4 and cfg.train.epochs == 3
+    cfg = apply_overrides(preset("demo"), ["train.base_lr=5e-4", "train.epochs=5", "data.root=123"])
+    assert cfg.train.base_lr == 5e-4 and cfg.train.epochs == 5
     assert cfg.data.root == "123"  # a path stays text
 
 
