@@ -45,6 +45,7 @@ _IPY_FRAME = re.compile(r"^\s*File (?P<file>.+?):(?P<line>\d+), in (?P<func>[^(]
 _IPY_CELL = re.compile(r"^\s*(?:Cell In ?\[(?P<cell>\d*)\], line (?P<line>\d+)|Input In \[(?P<cell2>\d*)\])")
 _IPY_HEAD = re.compile(r"^(?P<type>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\s+Traceback \(most recent call last\)")
 _IPY_SOURCE = re.compile(r"^\s*(?:-+>\s*)?\d+\s")  # "    580     )", "--> 581 torch.autograd.backward("
+_EXCEPTION_HEAD = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?::\s|:$|$)")  # "KeyError: 'x'", "KeyboardInterrupt"
 _LIBRARY = re.compile(r"[/\\](?:site-packages|dist-packages|lib[/\\]python\d[\d.]*)[/\\]")
 # A traceback's message may continue over a few lines (torch's OOM message does not, some do).
 MAX_MESSAGE_LINES = 20
@@ -130,11 +131,14 @@ class TracebackReader:
                 return False
             tb.message += "\n" + raw.strip()
             return True
-        m = _FRAME.match(raw)
+        body = stripped.strip()
+        m = _FRAME.match(raw) or _FRAME.match("  " + body)  # "[12:00:01]   File ...": a time-stamped line
         if m:
             tb.frames.append({"file": m["file"], "line": int(m["line"]), "func": (m["func"] or "").strip()})
             return True
-        if raw[:1].isspace():  # the source line under a frame, or a caret line
+        prefixed = raw.strip() != body  # a time stamp or level before the text: its indentation is lost
+        if raw[:1].isspace() or (prefixed and tb.frames and body and not _EXCEPTION_HEAD.match(body)):
+            # the source line under a frame, or a caret line
             code = raw.strip()
             if tb.frames and code and not set(code) <= set("^~ ") and "code" not in tb.frames[-1]:
                 tb.frames[-1]["code"] = code

@@ -2,9 +2,9 @@
 line at a fixed width (~27-120 columns), so a traceback's ``ImportError: numpy.core.multiarray failed to
 import`` arrives as three lines, and no line-based reader can see it.
 
-A file is taken as hard-wrapped at width `W` (the most common line length) when at least `MIN_BAND_FRACTION`
-of its non-empty lines are `BAND` or fewer characters short of `W` and at most `MAX_OVER_FRACTION` are longer,
-and at least `MIN_SPACE_FRACTION` of those in the band end in a space (the mark of a word wrap: a table or
+A file is taken as hard-wrapped at width `W` (the longest line, leaving out `MAX_OVER_FRACTION` of the lines: a
+console may print a few lines unwrapped) when at least `MIN_BAND_FRACTION`
+of its non-empty lines are `BAND` or fewer characters short of `W`, and at least `MIN_SPACE_FRACTION` of those in the band end in a space (the mark of a word wrap: a table or
 a fixed-width log has full lines, not trailing spaces). A physical line then continues the previous one when
 the previous one is `W` long (broken mid-word) or ends in a space, unless it starts a line itself (indented,
 ``Traceback (``, ``SomethingError``). Each logical line
@@ -13,7 +13,6 @@ keeps the number of its first physical line, so line numbers in reports are the 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 __all__ = ["unwrap", "wrap_width"]
 
@@ -34,7 +33,8 @@ def wrap_width(lines: list[str]) -> int | None:
     nonempty = [ln for ln in lines if ln.strip()]
     if len(nonempty) < MIN_LINES:
         return None
-    width, _ = Counter(len(ln) for ln in nonempty).most_common(1)[0]
+    lengths = sorted((len(ln) for ln in nonempty), reverse=True)
+    width = lengths[int(MAX_OVER_FRACTION * len(lengths))]  # all but that share of the lines fit in it
     if not MIN_WIDTH <= width <= MAX_WIDTH:
         return None
     band = [ln for ln in nonempty if width - BAND <= len(ln) <= width]
