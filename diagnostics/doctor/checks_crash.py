@@ -173,8 +173,10 @@ def check_oom(log: RunLog, C, shape: ModelShape | None = None) -> Finding | None
         numbers.append(f"{t['allocated']} allocated by PyTorch")
     if "reserved_unallocated" in t:
         numbers.append(f"{t['reserved_unallocated']} reserved by PyTorch but unallocated")
-    after = ("; it came right after an evaluation: what the evaluation leaves allocated (kept attention maps, "
-             "outputs) adds to the training step's peak" if end.context.get("after_eval") else "")
+    after = ("; it came right after an evaluation: an evaluation changes what the allocator holds (other batch "
+             "sizes, tensors left alive into the next training forward), so the first training step after it can "
+             "peak higher and find the cache fragmented; predict_step_memory(..., eval_inputs=...) predicts that "
+             "step" if end.context.get("after_eval") else "")
     match, matches = _match_text(oom, shape)
     return Finding("oom", "error",
                    f"CUDA out of memory at {_where(log)}{_code_where(log)}: " + ", ".join(numbers) + "."
