@@ -137,7 +137,7 @@ def detect_format(path: str | Path) -> str:
         return "jsonl"
     if p.suffix.lower() in (".csv", ".tsv"):
         header = _csv_header(head)
-        if is_lightning_header(header):
+        if is_lightning_header(header, p.name):
             return "lightning-csv"
         if is_timm_summary_header(header):
             return "timm-summary"

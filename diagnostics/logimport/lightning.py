@@ -28,9 +28,11 @@ __all__ = ["read_lightning_csv", "is_lightning_header", "bare_split"]
 _LR_MONITOR = re.compile(r"^lr-[A-Za-z]\w*(?:/pg1)?$")
 
 
-def is_lightning_header(columns: list[str]) -> bool:
+def is_lightning_header(columns: list[str], name: str = "") -> bool:
+    """``epoch`` and ``step`` columns, with ``*_step``/``*_epoch``, ``val_*`` or ``lr-*`` ones, or the file's
+    name ``metrics.csv`` (CSVLogger's)."""
     cols = set(columns)
-    return {"epoch", "step"} <= cols and any(c.endswith(("_step", "_epoch")) or c.startswith("val_")
+    return {"epoch", "step"} <= cols and name == "metrics.csv" or {"epoch", "step"} <= cols and any(c.endswith(("_step", "_epoch")) or c.startswith("val_")
                                              or _LR_MONITOR.match(c) for c in cols)
 
 
@@ -96,5 +98,7 @@ def read_lightning_csv(path: Path, mapping: dict | None) -> Reading:
         rows.append((i + 2, row))
     r = rows_to_reading(rows, "row", mapping)
     r.format = "lightning-csv"
+    original = {new: c for c, new in rename.items() if new is not None}
+    r.recognised = {original.get(label, label): name for label, name in r.recognised.items()}
     r.notes += notes
     return r

@@ -88,6 +88,8 @@ def deit(name: str, n: int = 30) -> None:
 
 
 def mmengine(name: str, crash: bool) -> None:
+    global RNG
+    RNG = np.random.default_rng(7)  # the same run as mmengine_scalars writes
     epochs, n = 4, 300
     loss = falling(epochs * n // 100, 2.3, 0.5)
     acc = rising(epochs, 0.45, 0.88)
@@ -119,6 +121,8 @@ def mmengine(name: str, crash: bool) -> None:
 
 
 def mmengine_scalars(name: str) -> None:
+    global RNG
+    RNG = np.random.default_rng(7)
     epochs, n = 4, 300
     loss = falling(epochs * n // 100, 2.3, 0.5)
     acc = rising(epochs, 0.45, 0.88)
