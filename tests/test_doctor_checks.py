@@ -140,6 +140,12 @@ def test_overfitting_near_misses():
     # road-surface: 0.024 → 0.04 at 99 % accuracy, C = 4: +67 % but 0.01·ln C, noise at the task's scale
     road = overfit(rise=(0.024, 0.045), C=4, train=(0.36, 0.004))
     assert "overfitting" not in found(road)
+    # a validation loss that climbs while validation accuracy keeps climbing (+6 points): over-confidence
+    confident = overfit()
+    confident.evals["val_acc"] = np.linspace(0.30, 0.40, len(confident.evals))
+    assert "overfitting" not in found(confident)
+    confident.evals["val_acc"] = np.linspace(0.30, 0.33, len(confident.evals))  # +3 points: still overfitting
+    assert "overfitting" in found(confident)
 
 
 def test_overfitting_by_a_widening_accuracy_gap():
@@ -203,6 +209,10 @@ def test_divergence_geometric_growth_without_c():
     f = found(grow)["divergence"]
     assert f.evidence["losses"]["loss"]["rule"] == "geometric growth" and f.evidence["losses"]["loss"]["factor"] > 10
     assert "divergence" not in found(run(loss=np.r_[falling(10, 2.3, 0.5), 0.5 * 1.4 ** np.arange(1, 7)]))  # ×7.5
+    # ten times a tiny minimum, still far below a uniform guess's ln 10 (and the start): not a blow-up
+    small = np.r_[falling(10, 2.3, 0.01), 0.01 * 1.6 ** np.arange(1, 7)]  # 0.01 → 0.17
+    assert "divergence" not in found(run(loss=falling(16, 2.3, 0.05), val_loss=small, C=10))
+    assert "divergence" not in found(run(loss=small))
     # one spike that recovers (road-surface's 9.38 at epoch 10) is no divergence
     spike = np.r_[falling(9, 1.3, 0.05), 9.38, falling(16, 0.16, 0.03)]
     assert "divergence" not in found(run(loss=falling(26, 0.37, 0.004), val_loss=spike, C=4))

@@ -19,6 +19,7 @@ from .rules import (
     DIVERGENCE_LNC_FACTOR,
     DIVERGENCE_MIN_RECORDS,
     DIVERGENCE_T_STAT,
+    OVERFIT_ACC_STILL_GAINS,
     OVERFIT_GAP_MIN,
     OVERFIT_GAP_WIDENING,
     OVERFIT_MIN_EVALS,
@@ -68,10 +69,16 @@ def _loss_overfit(log: RunLog, C) -> dict | None:
     t_at, t_end = _value_at(train, losses[0], min_step), float(train[losses[0]].iloc[-1])
     if t_at is None or t_end > OVERFIT_TRAIN_FALL * t_at:
         return None
+    acc = series(log.evals, "val_acc")
+    acc_at = _value_at(acc, "val_acc", min_step)
+    acc_end = float(acc["val_acc"].iloc[-OVERFIT_MIN_EVALS:].median()) if len(acc) else None
+    if acc_at is not None and acc_end - acc_at >= OVERFIT_ACC_STILL_GAINS:
+        return None  # held-out accuracy still climbs: over-confidence, and stopping at the minimum would cost it
     return {"rule": "validation loss rising", "train_loss_column": losses[0], "val_loss_min": low,
             "val_loss_min_step": min_step, "val_loss_end": end, "val_loss_first": first, "val_loss_last_step": last_step,
             "rise": rise, "rise_fraction": end / low - 1, "scale": scale, "scale_is": "ln C" if C else "first val_loss",
-            "train_loss_at_min": t_at, "train_loss_end": t_end, "evals_after_min": len(after) - 1}
+            "train_loss_at_min": t_at, "train_loss_end": t_end, "evals_after_min": len(after) - 1,
+            "val_acc_at_min": acc_at, "val_acc_end": acc_end}
 
 
 def _gap_overfit(log: RunLog) -> dict | None:
@@ -180,13 +187,15 @@ def check_accuracy_regression(log: RunLog, C) -> Finding | None:
 
 # --- divergence
 
-def _growth(d: pd.DataFrame, col: str) -> dict | None:
+def _growth(d: pd.DataFrame, col: str, C) -> dict | None:
     v = d[col].to_numpy(dtype=float)
     if len(v) < DIVERGENCE_MIN_RECORDS or (v <= 0).any():
         return None
     i = int(np.argmin(v))
     if len(v) - i < DIVERGENCE_MIN_RECORDS or v[-1] < DIVERGENCE_GROWTH_FACTOR * v[i]:
         return None
+    if v[-1] < (math.log(C) if C else v[0]):
+        return None  # still below a uniform guess (or the untrained start): a small loss that grew, not a blow-up
     fit = fit_growth(d["step"].to_numpy(dtype=float)[i:], np.log(v[i:]))
     if fit is None or fit.slope <= 0 or fit.t_stat < DIVERGENCE_T_STAT:
         return None
@@ -207,7 +216,7 @@ def check_divergence(log: RunLog, C) -> Finding | None:
         if C and len(late) and float(late.median()) >= DIVERGENCE_LNC_FACTOR * math.log(C):
             found[col] = {"rule": "far above ln C", "late_median": float(late.median()),
                           "times_ln_c": float(late.median()) / math.log(C), "window_start_step": start}
-        elif (g := _growth(d, col)) is not None:
+        elif (g := _growth(d, col, C)) is not None:
             found[col] = g
     if not found:
         return None

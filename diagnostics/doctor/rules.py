@@ -20,13 +20,14 @@ The rules, by finding code (severity in brackets):
 - ``overfitting`` [warning]: the validation loss rises for at least OVERFIT_MIN_EVALS evaluations after its
   minimum, ends (median of the last OVERFIT_MIN_EVALS) ≥ (1 + OVERFIT_MIN_RISE_FRACTION)·minimum and
   ≥ OVERFIT_MIN_RISE_SCALE·ln C above it (without C: of the first validation loss), while the training loss
-  falls to ≤ OVERFIT_TRAIN_FALL of its value at the minimum. Without a validation loss: the train − validation
+  falls to ≤ OVERFIT_TRAIN_FALL of its value at the minimum, and validation accuracy (when logged) has not gained
+  OVERFIT_ACC_STILL_GAINS since. Without a validation loss: the train − validation
   accuracy gap widens by ≥ OVERFIT_GAP_WIDENING to at least OVERFIT_GAP_MIN while validation accuracy stalls
   (gains < OVERFIT_VAL_STALL).
 - ``divergence`` [error]: late in the run, the median of a loss (training or validation) is
   ≥ DIVERGENCE_LNC_FACTOR·ln C; or a loss grows geometrically: over its last DIVERGENCE_MIN_RECORDS or more
   records log(loss) rises with a slope ≥ DIVERGENCE_T_STAT standard errors above 0, to
-  ≥ DIVERGENCE_GROWTH_FACTOR × its minimum.
+  ≥ DIVERGENCE_GROWTH_FACTOR × its minimum and at least ln C (without C: its first value).
 - ``unstable`` [warning]: on per-epoch (or per-evaluation) records only, over the second half of a run of at
   least UNSTABLE_MIN_RECORDS: the loss swings by a median |Δ| ≥ UNSTABLE_SWING·ln C between consecutive records, the direction of the swings changes in ≥ UNSTABLE_SIGN_CHANGES of them, and the
   half has no trend (|t| of a linear fit < UNSTABLE_T_STAT).
@@ -93,6 +94,10 @@ OVERFIT_MIN_RISE_SCALE = 0.1
 0.04 at 99 % accuracy (road-surface) is noise at the scale of the task, not overfitting."""
 OVERFIT_TRAIN_FALL = 0.9
 """Meanwhile the training loss falls: it ends ≤ 90 % of its value at the validation minimum."""
+OVERFIT_ACC_STILL_GAINS = 0.05
+"""…unless validation accuracy still climbs: its last evaluations (median of OVERFIT_MIN_EVALS) 5 points or more
+above its value at the loss's minimum is over-confidence, and stopping at the minimum would cost that accuracy
+(pokemon's accuracy gains 3 points after the minimum: overfitting)."""
 OVERFIT_GAP_MIN = 0.2
 """Without a validation loss: the train − validation accuracy gap ends ≥ 0.2 (20 points) …"""
 OVERFIT_GAP_WIDENING = 0.1
@@ -111,7 +116,8 @@ DIVERGENCE_GROWTH_FACTOR = 10.0
 DIVERGENCE_MIN_RECORDS = 4
 """…over at least 4 records after the minimum (three intervals: a trend, not a spike)."""
 DIVERGENCE_T_STAT = 3.0
-"""…with log(loss) rising by a slope ≥ 3 standard errors above 0."""
+"""…with log(loss) rising by a slope ≥ 3 standard errors above 0, and ending at or above ln C (without C:
+above its first value): a validation loss that grows from 0.01 to 0.1 at 99 % accuracy has not blown up."""
 
 # --- unstable
 
@@ -195,7 +201,7 @@ __all__ = ["LATE_FRACTION", "CHANCE_ACC_FACTOR", "CHANCE_LOSS_FRACTION", "CHANCE
            "CHANCE_ACC_OVERRULES", "CHANCE_W_TOLERANCE", "EQUILIBRIUM_W_TOLERANCE",
            "COLLAPSE_FRACTION", "REGRESSION_MIN_DROP", "REGRESSION_MIN_FRACTION", "REGRESSION_MIN_EVALS",
            "OVERFIT_MIN_EVALS", "OVERFIT_MIN_RISE_FRACTION", "OVERFIT_MIN_RISE_SCALE",
-           "OVERFIT_TRAIN_FALL", "OVERFIT_GAP_MIN", "OVERFIT_GAP_WIDENING", "OVERFIT_VAL_STALL",
+           "OVERFIT_TRAIN_FALL", "OVERFIT_ACC_STILL_GAINS", "OVERFIT_GAP_MIN", "OVERFIT_GAP_WIDENING", "OVERFIT_VAL_STALL",
            "DIVERGENCE_LNC_FACTOR", "DIVERGENCE_GROWTH_FACTOR", "DIVERGENCE_MIN_RECORDS",
            "DIVERGENCE_T_STAT", "UNSTABLE_MIN_RECORDS", "UNSTABLE_SWING", "UNSTABLE_SIGN_CHANGES",
            "UNSTABLE_T_STAT", "TRUNCATED_STEP_FRACTION", "RISE_MIN_RECORDS", "RISE_MIN_RUN_FRACTION",
