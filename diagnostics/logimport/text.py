@@ -339,6 +339,20 @@ def read_text(text: str, mapping: dict[str, str] | None = None, *, fmt: str = "t
     if width:
         reader.out.notes.append(f"hard-wrapped at {width} columns (a console capture): {len(lines)} lines joined "
                                 f"into {len(logical)}; line numbers are the file's")
-    for i, raw in logical:
+    skipped = 0
+    for k, (i, raw) in enumerate(logical):
+        if "%|" in raw and k + 1 < len(logical) and _same_bar(raw, logical[k + 1][1]):
+            skipped += 1  # a progress bar redrawn on the next line: only its last state is read
+            continue
         reader.line(i, raw)
     return reader.finish()
+
+
+def _same_bar(line: str, nxt: str) -> bool:
+    """`nxt` redraws the progress bar `line` draws: the same text before the percentage (a tqdm bar written
+    once per update, each on its own line), and the counter did not restart."""
+    if "%|" not in nxt or "\r" in line:
+        return False
+    a, b = line.split("%|", 1), nxt.split("%|", 1)
+    return a[0][:-3] == b[0][:-3] and a[0][-3:].strip().isdigit() and b[0][-3:].strip().isdigit() and \
+        int(b[0][-3:]) >= int(a[0][-3:])
