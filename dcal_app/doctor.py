@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -120,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a fault in a check, not in the log: one line, exit 3
         return _fail(EXIT_INTERNAL, path, f"{path}: internal failure of the checks (log read as {fmt}): "
                      f"{type(e).__name__}: {e} (at {_where(e)})", args.json, format=fmt, reader="checks")
-    print(out)
+    try:
+        print(out, flush=True)
+    except BrokenPipeError:  # `dcal doctor LOG | head`: the reader left; not a failure of the doctor
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit; give it somewhere to go
     if args.html:
         from diagnostics.doctor.report_html import write_html  # matplotlib: only when a report is asked for
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..curves import uncertainty_reading
+from ..logimport import CANONICAL_NAMES, FORMAT_NAMES
 from ..runlog import RunLog
 from ..stats import BRANCHES, finite, has_values
 from .checks_learning import ACCURACY_COLUMNS
@@ -47,6 +48,12 @@ def summarize(log: RunLog) -> dict:
                          for b in BRANCHES if has_values(st, f"loss_{b}")}
     out["uncertainty"] = uncertainty_reading(st, log.num_classes) if len(st) else None
     out["end"] = _end(log)
+    if log.source is not None:  # an imported log: the format recognised and what it became
+        out["format_name"] = FORMAT_NAMES.get(log.source.format, log.source.format)
+        out["read"] = {"training": [c for c in CANONICAL_NAMES if has_values(st, c)],
+                       "validation": [c for c in CANONICAL_NAMES if has_values(ev, c)]}
+        out["planned"] = {k: log.source.settings[k] for k in ("planned_epochs", "planned_steps")
+                          if k in log.source.settings}
     return jsonable(out)
 
 
@@ -56,7 +63,7 @@ def format_summary(summary: dict) -> str:
     if fmt == "run":
         head += "" if summary.get("config") else "  (no config.yaml)"
     else:
-        head += f"  ({fmt} log)"
+        head += f"  (read as {summary.get('format_name', fmt)}: {fmt})"
     unit = summary.get("step_unit", "step")
     n = f"{summary['steps_logged']} {'step' if unit == 'step' else 'training'} records"
     if "last_step" in summary:
@@ -65,6 +72,11 @@ def format_summary(summary: dict) -> str:
                             unit == "step" else "") + ")"
     n += f", {summary['evals_logged']} evals" + (f", C = {summary['num_classes']}" if summary["num_classes"] else "")
     lines = [head, "  " + n]
+    read = summary.get("read")
+    if read is not None:
+        parts = [f"{', '.join(v)} ({k})" for k, v in read.items() if v]
+        planned = ", ".join(f"{v} {k.split('_')[1]}" for k, v in (summary.get("planned") or {}).items())
+        lines.append("  read: " + ("; ".join(parts) or "no metric") + (f"; the log plans {planned}" if planned else ""))
     if summary["final_accuracy"]:
         acc = ", ".join(f"{acc_label(k)} {v:.2%}" for k, v in summary["final_accuracy"].items())
         best = ", ".join(f"{acc_label(k)} {v['value']:.2%} ({unit} {v['step']})"

@@ -29,13 +29,21 @@ from .tables import read_csv, read_json_rows
 from .tensorboard import event_files, read_tensorboard
 from .text import read_text
 
-__all__ = ["import_log", "detect_format", "FORMATS", "READERS", "LogImportError", "LogReaderFailure", "parse_mapping", "parse_oom",
+__all__ = ["import_log", "detect_format", "FORMATS", "FORMAT_NAMES", "READERS", "LogImportError", "LogReaderFailure", "parse_mapping", "parse_oom",
            "exception_kind", "CANONICAL_NAMES", "STEP_NAMES", "EVAL_NAMES", "METRIC_ALIASES"]
 
 # The formats `import_log` reads ("auto": chosen by the folder's content, the name and the first lines). The
 # generic ones (jsonl, csv, text) are the fallback for a log no native reader recognises.
 FORMATS = ("auto", "run", "hf-trainer-state", "lightning-csv", "timm-summary", "deit-log", "mmengine-text",
            "mmengine-scalars", "keras-csv", "keras-stdout", "notebook", "tensorboard", "jsonl", "csv", "text")
+# What each format is, in words (the report's "read as" line).
+FORMAT_NAMES = {"run": "a dcal run folder", "hf-trainer-state": "Hugging Face Trainer trainer_state.json",
+                "lightning-csv": "PyTorch Lightning CSVLogger metrics.csv", "timm-summary": "timm summary.csv",
+                "deit-log": "DeiT/MAE/BEiT log.txt (JSON lines)", "mmengine-text": "OpenMMLab mmengine text log",
+                "mmengine-scalars": "OpenMMLab mmengine vis_data/scalars.json", "keras-csv": "Keras CSVLogger CSV",
+                "keras-stdout": "Keras fit output", "notebook": "notebook output (IPython)",
+                "tensorboard": "TensorBoard event file", "jsonl": "JSON lines (generic reader)",
+                "csv": "CSV (generic reader)", "text": "text log (generic reader)"}
 # The reader that reads each format (named in the one-line message of an internal failure).
 READERS = {"run": "diagnostics.runlog.load_run", "hf-trainer-state": "logimport.hf",
            "lightning-csv": "logimport.lightning", "timm-summary": "logimport.deit (timm summary.csv)",
