@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from .config import config_to_dict, preset
+from .runfolder import METRICS_FILE
 
 __all__ = ["pretrain", "WEIGHTS_NAME", "THREADS"]
 
@@ -79,7 +80,7 @@ def pretrain(out_dir: Path, *, progress: bool = True, overrides: list[str] | Non
         save_file(weights, str(stage_file), metadata={"backbone": cfg.model.backbone,
                                                       "timm_kwargs": json.dumps(cfg.model.timm_kwargs)})
         recipe["stages"].append({"name": name, "config": config_to_dict(cfg), "final_eval": trainer.last_eval})
-        logs.append((run_dir / "metrics.jsonl").read_text())
+        logs.append((run_dir / METRICS_FILE).read_text())
         shutil.rmtree(run_dir)  # checkpoints are large; weights, recipe and log are what we keep
         previous = stage_file
     for name, _ in STAGES[:-1]:

@@ -13,12 +13,13 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None) -> int:
 
     import diagnostics
     from dcal.config import apply_overrides, preset
+    from dcal.runfolder import CONFIG_FILE
     from dcal.train import build_trainer
 
     from .callbacks import default_callbacks
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (out_dir / "config.yaml").exists():
+    if out_dir.exists() and (out_dir / CONFIG_FILE).exists():
         print(f"removing the previous demo run in {out_dir}")
         shutil.rmtree(out_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -18,6 +18,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dcal.runfolder import METRICS_FILE, decode_record
+
 # Every GLCA head ("cls": GLCA's CLS output; "mean": mean of CLS + the k local outputs; "local": mean of the
 # k local outputs), each with and without PWCA; then what the rollout buys: the default head with the
 # seed's uniform fallback selection and with random local queries (DCAL_METHOD.md §3).
@@ -43,7 +45,7 @@ EARLY_FIELDS = ("acc_glca", "acc_fused", "part_hit_top1")
 def run(name: str, seed: int, out: Path) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name.split(" (")[0].replace("+", "plus")).strip("_")
     run_dir = out / f"{slug}-s{seed}"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if not metrics.exists():
         args = [sys.executable, "-m", "dcal_app", "train", "--preset", "demo", "--out", str(run_dir), "--seed", str(seed),
                 "--no-diagnostics", "--set", "train.progress=false"]
@@ -53,7 +55,7 @@ def run(name: str, seed: int, out: Path) -> dict:
         r = subprocess.run(args, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{name} seed {seed} failed:\n{r.stderr[-2000:]}")
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    recs = [decode_record(json.loads(line)) for line in metrics.read_text().splitlines()]
     evals = [r for r in recs if r["kind"] == "eval"]
     ev, first = evals[-1], evals[0]
     steps = [r for r in recs if r["kind"] == "step"]
