@@ -63,7 +63,7 @@ def format_summary(summary: dict) -> str:
     if fmt == "run":
         head += "" if summary.get("config") else "  (no config.yaml)"
     else:
-        head += f"  (read as {summary.get('format_name', fmt)}: {fmt})"
+        head += f"  ({fmt}: {summary.get('format_name', fmt)})"
     unit = summary.get("step_unit", "step")
     n = f"{summary['steps_logged']} {'step' if unit == 'step' else 'training'} records"
     if "last_step" in summary:

@@ -42,8 +42,8 @@ FORMAT_NAMES = {"run": "a dcal run folder", "hf-trainer-state": "Hugging Face Tr
                 "deit-log": "DeiT/MAE/BEiT log.txt (JSON lines)", "mmengine-text": "OpenMMLab mmengine text log",
                 "mmengine-scalars": "OpenMMLab mmengine vis_data/scalars.json", "keras-csv": "Keras CSVLogger CSV",
                 "keras-stdout": "Keras fit output", "notebook": "notebook output (IPython)",
-                "tensorboard": "TensorBoard event file", "jsonl": "JSON lines (generic reader)",
-                "csv": "CSV (generic reader)", "text": "text log (generic reader)"}
+                "tensorboard": "TensorBoard event file", "jsonl": "JSON lines, generic reader",
+                "csv": "CSV, generic reader", "text": "text log, generic reader"}
 # The reader that reads each format (named in the one-line message of an internal failure).
 READERS = {"run": "diagnostics.runlog.load_run", "hf-trainer-state": "logimport.hf",
            "lightning-csv": "logimport.lightning", "timm-summary": "logimport.deit (timm summary.csv)",
