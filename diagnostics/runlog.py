@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dcal.runfolder import CONFIG_FILE, END_STATUSES, METRICS_FILE, decode_record
+from dcal.runfolder import CONFIG_FILE, END_STATUSES, METRICS_FILE, RECORD_KINDS, decode_record
 
 __all__ = ["RunLog", "RunEnd", "LogSource", "RunLogError", "RunLogWarning", "load_run", "read_metrics",
            "frames_from_records", "as_frames", "run_end_from_record", "METRICS_FILE", "CONFIG_FILE", "END_STATUSES"]
@@ -166,7 +166,7 @@ def _parse_lines(path: Path) -> tuple[list[dict], list[str]]:
         if not isinstance(rec, dict):
             raise RunLogError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
         if "kind" not in rec:
-            raise RunLogError(f"{path}:{i + 1}: record has no 'kind' field (expected 'step' or 'eval')")
+            raise RunLogError(f"{path}:{i + 1}: record has no 'kind' field (expected one of {RECORD_KINDS})")
         records.append(decode_record(rec))
     return records, notes
 
