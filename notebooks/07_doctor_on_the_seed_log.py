@@ -219,6 +219,70 @@ assert abs(score_map_mib - facts["oom"]["tried_to_allocate_mib"]) < 2  # the all
 assert set(codes) < set(new) and "coupled-weight-decay" in new and new["oom"].evidence["matches"]
 
 # %% [markdown]
+# ## Other people's logs, beside the seed's
+#
+# The seed's log is one hand-rolled trainer's text. A person holding a failed run brings *their* log, written
+# by *their* framework. Three of the twenty real logs in `../shared/logs/ecosystem/` (copied byte for byte to
+# `ecosystem_logs/`, sources in its README) show the same doctor on three other formats: a Hugging Face
+# `trainer_state.json` of a healthy ViT fine-tune, a PyTorch Lightning `metrics.csv` of a run that predicts
+# one class, and a notebook's output that ends in an IPython traceback. What each must and must not say was
+# written in the corpus's MANIFEST before the doctor was run; `tests/test_doctor_corpus.py` checks all
+# twenty.
+
+# %%
+ECO = Path("ecosystem_logs")
+ecosystem = {  # file: (C from MANIFEST, finding codes it must say, codes it must not say)
+    "hf-trainer_state-drowsy-driver-vit.json": (2, set(), {"chance-level", "accuracy-collapse"}),
+    "lightning-metrics-grape-vine-v7.csv": (5, {"chance-level"}, set()),
+    "text-bert-notebook-cuda-oom.txt": (3, {"oom"}, set()),
+}
+logs = {name: diagnostics.import_log(ECO / name, num_classes=c) for name, (c, _, _) in ecosystem.items()}
+found = {name: diagnostics.diagnose(lg) for name, lg in logs.items()}
+everyone = {"seed: train_log.txt": (log, findings), **{name: (logs[name], found[name]) for name in logs}}
+
+
+def read(df, names):
+    return ", ".join(c for c in names if c in df and df[c].notna().any())
+
+
+table = pd.DataFrame({name: {
+    "format": lg.source.format, "steps": len(lg.steps), "evals": len(lg.evals),
+    "read (training)": read(lg.steps, ("loss", "lr", "train_acc", "loss_sa")),
+    "read (validation)": read(lg.evals, ("val_acc", "val_loss")),
+    "ended": lg.end.status if lg.end else "(not said)",
+    "findings": ", ".join(f"{f.code} ({f.severity})" for f in fs if f.code != "log-import")}
+    for name, (lg, fs) in everyone.items()}).T
+table
+
+# %%
+for name, (_, must, must_not) in ecosystem.items():
+    codes_here = {f.code for f in found[name]}
+    assert must <= codes_here and not must_not & codes_here, (name, codes_here)
+assert not [f for f in found["hf-trainer_state-drowsy-driver-vit.json"] if f.severity == "error"]
+assert logs["lightning-metrics-grape-vine-v7.csv"].source.format == "lightning-csv"
+assert logs["text-bert-notebook-cuda-oom.txt"].end.exception["message"].startswith("CUDA error: out of memory")
+
+# %% [markdown]
+# - **Hugging Face** (`hf-trainer-state`): `eval_accuracy` 0.955 → 0.975 over two evaluations, the loss every
+#   100 steps, and the final summary record read as the completion mark, not as a loss. No error: a healthy
+#   run gets no alarm.
+# - **Lightning** (`lightning-csv`): the log's accuracy is a bare `acc`, logged only in the rows that hold
+#   `val_loss`, so the reader takes it as the validation accuracy and says why. It sits at 0.15 in nine of
+#   ten epochs (1.5/C = 0.30 with C = 5): `chance-level`. The validation loss, some 10⁸ × ln 5, is the second
+#   finding. Read as a training accuracy (as the importer used to), the run looked healthy.
+# - **Notebook** (`notebook`): the per-epoch numbers sit in a Train/Validation table (validation loss 0.638 →
+#   0.762 while the training loss falls), and the run dies in `loss.backward()` with
+#   `RuntimeError: CUDA error: out of memory`, cudaMalloc's wording, with no allocator numbers to quote. The
+#   seed's OOM used the caching allocator's wording ("Tried to allocate 226.00 MiB ..."); both are `oom`.
+#
+# The doctor's findings on one of these, as `dcal doctor ecosystem_logs/lightning-metrics-grape-vine-v7.csv
+# --num-classes 5` prints them:
+
+# %% tags=["exact-numbers"]
+grape = logs["lightning-metrics-grape-vine-v7.csv"]
+print(format_text(found["lightning-metrics-grape-vine-v7.csv"], summarize(grape)))
+
+# %% [markdown]
 # ## Summary
 #
 # | the seed's symptom (FIXES_SUMMARY) | the log's numbers | the doctor's finding | measured in |
@@ -227,6 +291,9 @@ assert set(codes) < set(new) and "coupled-weight-decay" in new and new["oom"].ev
 # | 2. OOM at epoch 16, "memory accumulation" | 226 MiB asked with 14.12 of 15.89 GiB allocated, first step after an evaluation | `oom`: a step at the edge; one fp32 PWCA score map | notebook 02 |
 # | 3. accuracy 15.38 % → 1.17 % | train loss 4.967 → 5.192 at a flat LR | `accuracy-collapse`, `loss-rising`, `chance-level`, `coupled-weight-decay` | notebook 03 |
 # | 4. weights "all around 0.08" | raw w 0.0029 → 0.0834, +0.0058 per epoch | `uncertainty-lag` | notebook 04 |
+#
+# On other frameworks' logs (Hugging Face, Lightning, a notebook's IPython traceback) the same doctor reads
+# each format natively and says what it recognised; the corpus test holds it to all twenty MANIFEST entries.
 #
 # The importer read every number of the log as the hand transcription did; what it left out (the effective
 # weights, the tqdm postfix's short names) it lists in `log-import`.
