@@ -40,9 +40,11 @@ terms). Every name is importable from here.
 """
 from __future__ import annotations
 
+from dcal.runfolder import CONFIG_FILE, LOG_FILE, METRICS_FILE  # the run folder's names, as before
+
 from ..nonfinite import MAX_OVERFLOWS_IN_A_ROW
 from .core import MEMORY_OVERHEAD, MODES, RECORDS_KEPT, Watch, watch
 from .values import LeakWarning, MicroBatch, NonFiniteWarning
 
 __all__ = ["watch", "Watch", "MicroBatch", "LeakWarning", "NonFiniteWarning", "MEMORY_OVERHEAD",
-           "MAX_OVERFLOWS_IN_A_ROW", "MODES", "RECORDS_KEPT"]
+           "MAX_OVERFLOWS_IN_A_ROW", "MODES", "RECORDS_KEPT", "CONFIG_FILE", "LOG_FILE", "METRICS_FILE"]
