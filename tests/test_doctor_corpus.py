@@ -4,8 +4,8 @@ say, its exit status, the format it must recognise, what it must read). Skipped,
 ../shared is not beside the repository.
 
 Each log runs through `dcal doctor` in process (`dcal_app.doctor.main`, ``--json``), and its reading through
-`diagnostics.doctor.read_log` for the record-level facts. The MANIFEST's "ideally" items are soft: an absent
-code is an xfail (strict=False) naming what the doctor does not yet say.
+`diagnostics.doctor.read_log` for the record-level facts. The MANIFEST's "ideally" items are listed apart: a
+soft one is an xfail (strict=False) naming what the doctor does not yet say, a ``hard: true`` one a failure.
 """
 from __future__ import annotations
 
@@ -133,5 +133,7 @@ def test_ideally(entry, ideal, capsys):
     found = [f for f in doc if f["code"] == ideal["code"]] if isinstance(doc, list) else []
     if ideal.get("evidence"):
         found = [f for f in found if ideal["evidence"] in json.dumps(f["evidence"])]
-    if not found:
+    if ideal.get("hard"):
+        assert found, f"{ideal['code']} missing: {ideal['reason']}"
+    elif not found:
         pytest.xfail(f"not yet: {ideal['code']} ({ideal['reason']})")
