@@ -250,16 +250,16 @@ class DCAL(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _run_sa(self, block: nn.Module, h: Tensor, need_weights: bool):
+    def _run_sa(self, block: nn.Module, h: Tensor, need_weights: bool, cls_row: bool):
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return sa_block(block, h, need_weights, self.attention_tiling)
+            return sa_block(block, h, need_weights, self.attention_tiling, cls_row)
         # The attention weights are a no-grad side output: compute them in the forward pass only, not again
         # when backward recomputes the block (which would redo q·kᵀ and the softmax for nothing).
         first = [True]
 
         def fn(t: Tensor):
             nw, first[0] = need_weights and first[0], False
-            return sa_block(block, t, nw, self.attention_tiling)
+            return sa_block(block, t, nw, self.attention_tiling, cls_row)
 
         return checkpoint(fn, h, use_reentrant=False)
 
@@ -288,7 +288,9 @@ class DCAL(nn.Module):
             need_w = i < rollout_depth
             if i == L - 1 and self.glca_placement == "parallel":
                 glca_input = h
-            h, k, v, w = self._run_sa(blk, h, need_w)
+            # The chain starts from the CLS row of the last map it reads: that block needs no more (and keeps
+            # the fused attention kernel).
+            h, k, v, w = self._run_sa(blk, h, need_w, cls_row=i == rollout_depth - 1)
             if need_w:
                 weights.append(w)
             if use_pwca:

@@ -115,11 +115,15 @@ def test_rollout_chain_equals_full_product_on_random_stochastic_maps():
     maps = [torch.rand(2, 9, 9, generator=g).softmax(-1) for _ in range(5)]
     acc, _ = naive_rollout(maps)
     torch.testing.assert_close(attention_rollout(maps), acc[:, 0].float(), atol=1e-6, rtol=1e-5)
+    # The chain starts at e_0: of the last map it reads the CLS row alone, which may be all it is given.
+    torch.testing.assert_close(attention_rollout(maps[:-1] + [maps[-1][:, :1]]), acc[:, 0].float(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad,match", [
     (lambda m: m[:2] + [None] + m[3:], "blocks.2: no attention map"),
     (lambda m: m[:1] + [m[1][:, :5, :5]] + m[2:], "blocks.1: attention map has shape"),
+    (lambda m: m[:1] + [m[1][:, :1]] + m[2:], r"blocks.1: attention map has shape \(2, 1, 9\)"),  # CLS row: last only
+    (lambda m: m[:3] + [m[3][:, :1, :5]], r"blocks.3: .*or its CLS row"),
     (lambda m: m[:3] + [m[3].masked_fill(torch.ones_like(m[3], dtype=torch.bool).triu(), float("nan"))], "blocks.3: attention map holds non-finite"),
 ])
 def test_rollout_never_falls_back_it_raises_naming_the_block(bad, match):
