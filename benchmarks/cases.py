@@ -46,7 +46,7 @@ class Case:
 
 _DEMO = dict(patch_size=8, embed_dim=96, depth=4, num_heads=3)
 CASES = {
-    "deit224": Case("deit224", "deit_tiny_patch16_224", 224, 8, 200, train_target=2.3, infer_target=1.10),
+    "deit224": Case("deit224", "deit_tiny_patch16_224", 224, 8, 200, train_target=2.2, infer_target=1.08),
     "deit448": Case("deit448", "deit_tiny_patch16_224", 448, 2, 200, train_target=2.6, infer_target=1.25),
     "demo": Case("demo", "vit_tiny_patch16_224", 64, 32, 10, _DEMO),
     # For the smoke test only: seconds, not minutes.

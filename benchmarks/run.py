@@ -19,17 +19,29 @@ and the target. Rows:
 
 `--only SECTION[,SECTION]` runs some sections: train, infer, rollout, memory, overhead, watch.
 
+Clock and allocator (both recorded in the JSON's ``machine``): on CPU each call is timed in process CPU time
+(`--clock cpu`, the default; `--clock wall` for wall time; CUDA always wall), so that other jobs on a shared
+machine do not enter the ratios. glibc's malloc adapts its mmap and trim thresholds to what the process has
+freed so far, so how many pages a call faults in depends on what ran before it: measured, 0 to 15k minor
+faults per `DCAL.predict` at 224 px b8 (7-10 % of its time), 0 for the timm forward, for the same code.
+`--malloc fixed` (glibc only) fixes both thresholds with `mallopt` for the whole run (mmap above 32 MiB, never
+trim), as `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` would, so that A and B compare compute;
+`--malloc default` keeps the C library's policy; `--malloc auto` (the default) is `fixed` on glibc, else
+`default`.
+
 Writes JSON (`--out`) and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
@@ -57,6 +69,8 @@ class Settings:
     flops: bool = True
     watch_pairs: int = 40
     sections: tuple[str, ...] = ("train", "infer", "rollout", "memory", "overhead", "watch")
+    clock: str = "cpu"  # cpu: process CPU time on CPU devices (wall on CUDA); wall: wall time everywhere
+    malloc: str = "auto"  # fixed: glibc mmap/trim thresholds fixed (see the docstring); default; auto: fixed on glibc
 
 
 PRESETS = {
@@ -95,6 +109,37 @@ def _sync(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+CLOCKS = ("cpu", "wall")
+MALLOC = ("auto", "fixed", "default")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def _clock(s: Settings, device: torch.device) -> Callable[[], float]:
+    """What each call is timed with: process CPU time on CPU with ``clock="cpu"``, else wall time."""
+    if s.clock not in CLOCKS:
+        raise ValueError(f"Settings.clock must be one of {CLOCKS}, got {s.clock!r}")
+    return time.process_time if s.clock == "cpu" and device.type == "cpu" else time.perf_counter
+
+
+def set_malloc(mode: str) -> str:
+    """Apply the allocator policy `mode` (see the module docstring) and return how it reads in the report.
+
+    Raises RuntimeError for ``"fixed"`` where the C library has no glibc ``mallopt`` or refuses a value.
+    """
+    if mode not in MALLOC:
+        raise ValueError(f"Settings.malloc must be one of {MALLOC}, got {mode!r}")
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library this process already runs on
+    if mode == "default" or (mode == "auto" and mallopt is None):
+        return "C library default" + (" (no glibc mallopt here)" if mode == "auto" else "")
+    if mallopt is None:
+        raise RuntimeError("--malloc fixed needs glibc's mallopt, which this C library lacks: use --malloc default")
+    for name, param, value in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, 32 << 20),
+                               ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 1 << 30)):
+        if mallopt(param, value) != 1:
+            raise RuntimeError(f"mallopt({name}, {value}) failed: use --malloc default")
+    return "glibc, mallopt: mmap threshold 32 MiB, trim threshold 1 GiB"
+
+
 def row(name: str, what: str, a_label: str, b_label: str, a: dict, b: dict, ratio: dict, *, unit: str = "s",
         pairs: int | None = None, flop_ratio: float | None = None, target: float | None = None,
         strict: bool = False, note: str = "") -> dict:
@@ -118,7 +163,7 @@ def bench_train(case: Case, s: Settings, device: torch.device) -> tuple[dict, di
     flop_ratio = None
     if s.flops:
         flop_ratio = flops_of(dc.forward_backward) / flops_of(sa.forward_backward)
-    t = ab_timing(sa, dc, repeats=s.train_pairs, budget_s=s.budget_s, sync=_sync(device))
+    t = ab_timing(sa, dc, repeats=s.train_pairs, budget_s=s.budget_s, sync=_sync(device), clock=_clock(s, device))
     r = row(f"train/{case.name}", f"training step (fwd+bwd+AdamW), {case.label}", "SA", "DCAL",
             t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.train_target,
             note="FLOPs: forward+backward (the optimiser step is not counted)")
@@ -133,7 +178,8 @@ def bench_infer(case: Case, s: Settings, device: torch.device) -> dict:
     ours = lambda: model.predict(x)  # noqa: E731
     with torch.no_grad():
         flop_ratio = flops_of(ours) / flops_of(timm_fwd) if s.flops else None
-        t = ab_timing(timm_fwd, ours, repeats=s.infer_pairs, budget_s=s.budget_s, sync=_sync(device))
+        t = ab_timing(timm_fwd, ours, repeats=s.infer_pairs, budget_s=s.budget_s, sync=_sync(device),
+                      clock=_clock(s, device))
     return row(f"infer/{case.name}", f"inference (eval, no_grad), {case.label}", "timm", "DCAL.predict",
                t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.infer_target)
 
@@ -149,7 +195,7 @@ def bench_rollout(case: Case, s: Settings, device: torch.device, dcal_step: dict
     if s.flops:
         flop_ratio = flops_of(lambda: chain_rollout(maps)) / flops_of(lambda: full_product_rollout(maps))
     t = ab_timing(lambda: full_product_rollout(maps), lambda: chain_rollout(maps), repeats=s.rollout_pairs,
-                  budget_s=s.budget_s, sync=_sync(device))
+                  budget_s=s.budget_s, sync=_sync(device), clock=_clock(s, device))
     rows = [row(f"rollout/{case.name}", f"rollout over L={L} maps (B={case.batch}, N={N})", "full N×N×N product",
                 "CLS-row chain", t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio,
                 note=f"max |chain - full| = {err:.1e}")]
@@ -210,8 +256,9 @@ def _nan_check_overhead(case: Case, s: Settings, device: torch.device) -> dict:
             raise RuntimeError("non-finite values in a benchmark step")
 
     step()
-    t = timing(step, repeats=s.train_pairs, sync=sync)
-    c = timing(checked, repeats=s.train_pairs, sync=sync)
+    clock = _clock(s, device)
+    t = timing(step, repeats=s.train_pairs, sync=sync, clock=clock)
+    c = timing(checked, repeats=s.train_pairs, sync=sync, clock=clock)
     # The check is microseconds against a step of hundreds of milliseconds: an A/B ratio of whole steps would
     # only show noise, so time it alone (with the grad norm it needs) and divide by the step.
     values = {**{k: v.detach() for k, v in step.last.items()}, "w": step.loss_fn.weights().detach()}
@@ -221,7 +268,7 @@ def _nan_check_overhead(case: Case, s: Settings, device: torch.device) -> dict:
         values["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         finite_checks(values)
 
-    alone = timing(check_only, repeats=50, sync=sync)
+    alone = timing(check_only, repeats=50, sync=sync, clock=clock)
     frac = {k: alone[k] / t["median"] for k in ("median", "q1", "q3")}
     frac["iqr"] = frac["q3"] - frac["q1"]
     return row(name, f"tier-1 NaN checks (diagnostics.nonfinite.finite_checks: losses, w, grad norm), {case.label}",
@@ -244,7 +291,7 @@ def _memory_callback_overhead(case: Case, s: Settings, device: torch.device) -> 
                               step=0, epoch=0, micro_step=0, record={}, cfg=None, out_dir=None, log=lambda m: None)
     cb.before_fit(trainer)
     t = ab_timing(plain, lambda: hooked.with_events(cb, trainer), repeats=2 * s.train_pairs,
-                  budget_s=s.budget_s, sync=_sync(device))
+                  budget_s=s.budget_s, sync=_sync(device), clock=_clock(s, device))
     mean_ratio = sum(t["b_s"]) / sum(t["a_s"])
     measured = len(getattr(cb, "measured_steps", []))
     return row(name, f"memory callback (diagnostics.memory.MemoryCallback, all step events), {case.label}",
@@ -288,6 +335,8 @@ def run(settings: Settings, device: torch.device, threads: int, log=print) -> di
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     info = machine(device, threads)
+    info["malloc"] = set_malloc(settings.malloc)
+    info["clock"] = "process CPU time" if _clock(settings, device) is time.process_time else "wall time"
     rows: list[dict] = []
     steps: dict[str, dict] = {}
 
@@ -336,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable on a shared machine)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
+    p.add_argument("--clock", choices=CLOCKS, default="cpu", help="time calls in process CPU time (default, CPU "
+                   "only) or wall time (CUDA: always wall)")
+    p.add_argument("--malloc", choices=MALLOC, default="auto",
+                   help="fixed: glibc malloc thresholds fixed for the run; default: the C library's own policy; "
+                        "auto (default): fixed on glibc")
     p.add_argument("--only", default=None, metavar="SECTION[,SECTION]",
                    help=f"run only these sections, of {', '.join(Settings.sections)}")
     args = p.parse_args(argv)
@@ -343,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: CUDA is not available")
     preset = args.preset or ("quick" if args.quick else "full")
     settings = PRESETS[preset]
+    settings = Settings(**{**settings.__dict__, "clock": args.clock, "malloc": args.malloc})
     if args.no_flops:
         settings = Settings(**{**settings.__dict__, "flops": False})
     if args.only:
@@ -358,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMachine: {m['cpu']} ({m['cpu_affinity']} cores available), {m['torch_threads']} torch thread(s), "
           f"{m['device']}{' ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}, timm {m['timm']}; "
           f"load {m['load_avg_start'][0]:.1f}→{m['load_avg_end'][0]:.1f}; preset {preset}; "
-          f"wall {result['wall_s']:.0f} s\n")
+          f"wall {result['wall_s']:.0f} s; timed in {m['clock']}; malloc: {m['malloc']}\n")
     print(markdown(result["rows"]))
     if args.out:
         with open(args.out, "w") as f:

@@ -1,4 +1,9 @@
-"""A/B timing: alternate the two callables pair by pair, report medians and interquartile ranges."""
+"""A/B timing: alternate the two callables pair by pair, report medians and interquartile ranges.
+
+`clock` is what a call is timed with: `time.perf_counter` (wall, the default; needed on CUDA, whose work
+is not CPU time) or `time.process_time` (this process's CPU time: on a CPU shared with other jobs it leaves
+out the time the scheduler gives to them, which wall time counts and which varies from call to call).
+"""
 from __future__ import annotations
 
 import statistics
@@ -16,23 +21,24 @@ def quantiles(xs: list[float]) -> dict[str, float]:
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1}
 
 
-def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def _timed(fn: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float]) -> float:
     sync()
-    t = time.perf_counter()
+    t = clock()
     fn()
     sync()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def ab_timing(fn_a: Callable[[], object], fn_b: Callable[[], object], *, repeats: int, warmup: int = 1,
               budget_s: float | None = None, min_repeats: int = 3,
-              sync: Callable[[], None] = lambda: None) -> dict:
+              sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Time `fn_a` and `fn_b` in `repeats` adjacent pairs, alternating AB / BA to cancel drift.
 
     Args:
         repeats: number of pairs (fewer if `budget_s` seconds run out first, but at least `min_repeats`).
         warmup: untimed calls of each before the first pair.
         sync: called before and after each timed call (``torch.cuda.synchronize`` on CUDA).
+        clock: what each call is timed with (see the module docstring); the budget is always wall time.
 
     Returns:
         ``{"a": quantiles of A seconds, "b": ..., "ratio": quantiles of the per-pair B/A ratios,
@@ -47,11 +53,11 @@ def ab_timing(fn_a: Callable[[], object], fn_b: Callable[[], object], *, repeats
     start = time.perf_counter()
     for i in range(repeats):
         if i % 2 == 0:
-            a_s.append(_timed(fn_a, sync))
-            b_s.append(_timed(fn_b, sync))
+            a_s.append(_timed(fn_a, sync, clock))
+            b_s.append(_timed(fn_b, sync, clock))
         else:
-            b_s.append(_timed(fn_b, sync))
-            a_s.append(_timed(fn_a, sync))
+            b_s.append(_timed(fn_b, sync, clock))
+            a_s.append(_timed(fn_a, sync, clock))
         if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
             break
     ratios = [b / a for a, b in zip(a_s, b_s)]
@@ -60,9 +66,9 @@ def ab_timing(fn_a: Callable[[], object], fn_b: Callable[[], object], *, repeats
 
 
 def timing(fn: Callable[[], object], *, repeats: int, warmup: int = 1,
-           sync: Callable[[], None] = lambda: None) -> dict:
+           sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Median and IQR of `repeats` timed calls of `fn` alone."""
     for _ in range(warmup):
         fn()
-    ts = [_timed(fn, sync) for _ in range(repeats)]
+    ts = [_timed(fn, sync, clock) for _ in range(repeats)]
     return {**quantiles(ts), "n": len(ts), "s": ts}

@@ -21,6 +21,7 @@ def test_benchmark_harness_runs_on_the_tiny_preset(tmp_path, capsys):
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     assert result["machine"]["torch_threads"] == 1 and result["machine"]["torch"] == torch.__version__
+    assert result["machine"]["clock"] == "process CPU time" and result["machine"]["malloc"]  # said, not silent
     rows = {r["name"]: r for r in result["rows"]}
     for name in ("train/tiny", "infer/tiny", "rollout/tiny", "rollout-share/tiny", "memory/tiny/dcal_vs_sa"):
         r = rows[name]
