@@ -235,6 +235,8 @@ def test_unstable_near_misses():
     assert "unstable" not in found(run(loss=oscillating(0.08) - np.linspace(0, 0.6, 60), C=2))  # falls: a trend
     assert "unstable" not in found(run(loss=oscillating(0.08), C=2, unit="step"))  # per-step: mini-batch noise
     assert "unstable" not in found(run(loss=oscillating(0.08)))  # C unknown: no scale to judge the swing by
+    # a validation loss that jumps about (road-surface: 0.07 → 3.3 → 0.07) beside a smooth training loss
+    assert "unstable" not in found(run(loss=falling(60, 0.69, 0.1), val_loss=oscillating(0.08), C=2))
 
 
 # --- truncated-log
@@ -294,3 +296,68 @@ def test_the_data_logs_cover_every_new_check_and_healthy_runs():
     covered = {code for e in EXPECTED.values() for code in e["must"]}
     assert {"chance-level", "overfitting", "accuracy-regression", "divergence", "unstable"} <= covered
     assert sum(bool(e.get("healthy")) for e in EXPECTED.values()) >= 2
+
+
+# --- runs it has never seen: random healthy runs and random sick ones
+
+ANY_CLASSIFIER = {"chance-level", "overfitting", "accuracy-regression", "accuracy-collapse", "divergence", "unstable",
+                  "truncated-log", "loss-rising"}
+
+
+def random_run(rng, kind: str) -> RunLog:
+    """A classifier's curves with random C, length, unit, loss floor (label smoothing, a hard task), speed and
+    noise; `kind` adds one sickness ("healthy" and "dips" — transient dips that recover — add none)."""
+    C = int(rng.choice([2, 3, 5, 10, 29, 100, 200, 1000]))
+    n, unit = int(rng.integers(12, 120)), str(rng.choice(["epoch", "step"]))
+    lnC, t = math.log(C), np.linspace(0, 1, n)
+    floor, speed = rng.uniform(0.02, 0.6) * lnC * (0.8 if C == 2 else 1), rng.uniform(2, 8)
+    loss = (floor + (lnC - floor) * np.exp(-speed * t)) * (1 + rng.uniform(0, 0.08 if unit == "step" else 0.04)
+                                                          * rng.standard_normal(n))
+    vfloor = floor * rng.uniform(1.0, 2.0)
+    vloss = (vfloor + (lnC - vfloor) * np.exp(-speed * t)) * (1 + rng.uniform(0, 0.05) * rng.standard_normal(n))
+    top = rng.uniform(min(0.99, 3.0 / C + 0.2), 0.995)
+    vacc = 1 / C + (top - 1 / C) * (1 - np.exp(-speed * t)) + rng.uniform(0, 0.015) * rng.standard_normal(n)
+    if kind == "dips":
+        for i in rng.integers(1, n - 4, size=2):
+            vacc[i] *= rng.uniform(0.4, 0.9)
+            vloss[i] *= rng.uniform(1.5, 6)
+    elif kind == "overfitting":
+        m = int(n * rng.uniform(0.2, 0.5))
+        vloss[m:] = vloss[m] + np.linspace(0, rng.uniform(0.3, 1.0) * lnC, n - m)
+        vacc[m:] = vacc[m] + rng.uniform(-0.02, 0.02) + 0.005 * rng.standard_normal(n - m)
+    elif kind == "accuracy-regression":
+        m = int(n * rng.uniform(0.4, 0.75))
+        drop = rng.uniform(0.15, 0.35) * vacc[m]
+        vacc[m:] = vacc[m] - drop + np.linspace(0, 0.3 * drop, n - m)
+    elif kind == "divergence":
+        m = int(n * rng.uniform(0.3, 0.7))
+        loss[m:] = loss[m] * np.exp(np.linspace(0, rng.uniform(4, 12), n - m))
+    elif kind == "chance-level":
+        loss, vloss = lnC * (1 + 0.01 * rng.standard_normal(n)), lnC * (1 + 0.01 * rng.standard_normal(n))
+        vacc = 1 / C * (1 + 0.2 * rng.random(n))
+    elif kind == "unstable":
+        unit = "epoch"
+        loss = lnC * (rng.uniform(0.8, 1.3) + rng.uniform(0.08, 0.2) * np.sign(np.sin(np.arange(n) * 2.1))
+                      * (0.5 + rng.random(n)))
+    step = np.arange(1, n + 1) * (1 if unit == "epoch" else 100)
+    vacc = np.clip(vacc, 0, 1)
+    train_acc = np.clip(vacc + rng.uniform(0, 0.1) * t, 0, 1)
+    log = run(loss=loss, train_acc=train_acc, val_loss=vloss, val_acc=vacc, unit=unit, C=C, steps=step)
+    return log
+
+
+@pytest.mark.parametrize("kind, least", [("healthy", None), ("dips", None), ("overfitting", 0.75),
+                                         ("accuracy-regression", 0.75), ("divergence", 0.95), ("chance-level", 0.95),
+                                         ("unstable", 0.95)])
+def test_random_runs(kind, least):
+    """No warning or error on 60 random healthy runs (nor with dips that recover); each sickness found in at
+    least `least` of 60 (measured at 300 runs: overfitting 85 %, regression 84 %, the others 99–100 %; the
+    misses are runs outside the rule, e.g. a drop of under 5 points, or accuracy that keeps gaining)."""
+    rng = np.random.default_rng(["healthy", "dips", "overfitting", "accuracy-regression", "divergence",
+                                 "chance-level", "unstable"].index(kind))
+    said = [{f.code for f in diagnose_log(random_run(rng, kind)) if f.severity != "info"} & ANY_CLASSIFIER
+            for _ in range(60)]
+    if least is None:
+        assert not any(said), [s for s in said if s]
+    else:
+        assert sum(kind in s for s in said) >= least * len(said), sum(kind in s for s in said)

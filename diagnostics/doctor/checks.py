@@ -113,11 +113,12 @@ def skipped_checks(log: RunLog, C) -> list[Finding]:
     if not C and _needs_classes(log):
         out.append(Finding(
             "check-skipped", "info",
-            "chance-level, uncertainty-at-chance and divergence (a loss far above ln C) not checked: the number "
-            "of classes C is unknown (no eval "
+            "chance-level, uncertainty-at-chance, divergence (a loss far above ln C) and unstable not checked: "
+            "the number of classes C is unknown (no eval "
             "record holds num_classes, no config states it, the log does not); pass --num-classes C (Python: "
             "num_classes=C). Without it a run at chance can look healthy",
-            {"checks": ["chance-level", "uncertainty-at-chance", "divergence"], "reason": "num_classes unknown"}))
+            {"checks": ["chance-level", "uncertainty-at-chance", "divergence", "unstable"],
+             "reason": "num_classes unknown"}))
     if not (log.steps.empty and log.evals.empty) and (acc := _no_accuracy(log)) is not None:
         out.append(acc)
     reason = lag_skipped_reason(log)

@@ -257,16 +257,17 @@ def _oscillation(d: pd.DataFrame, col: str, C) -> dict | None:
 
 
 def check_unstable(log: RunLog, C) -> Finding | None:
-    """A per-epoch (or per-evaluation) loss that, over the second half of the run, swings up and down by a
-    tenth of ln C from record to record with no trend: the optimisation is not settling."""
+    """A per-epoch training loss that, over the second half of the run, swings up and down by 0.05·ln C from
+    epoch to epoch with no trend: the optimisation is not settling."""
     if not C:
         return None  # the swing is measured against ln C: without it a low, noisy loss would read as unstable
-    candidates = [(log.evals, "val_loss")]
-    if log.step_unit in ("epoch", "record"):  # a per-step loss swings with each mini-batch by design
-        candidates = [(log.steps, c) for c in data_losses(log.steps)] + candidates
+    # The training loss averaged over each epoch: a per-step loss swings with each mini-batch, and a
+    # validation loss with the few thousand images it is measured on, by design.
+    if log.step_unit not in ("epoch", "record"):
+        return None
     found = {}
-    for df, col in candidates:
-        d = series(df, col)
+    for col in data_losses(log.steps):
+        d = series(log.steps, col)
         if len(d) >= UNSTABLE_MIN_RECORDS and (r := _oscillation(d, col, C)) is not None:
             found[col] = r
     if not found:

@@ -28,8 +28,8 @@ The rules, by finding code (severity in brackets):
   ≥ DIVERGENCE_LNC_FACTOR·ln C; or a loss grows geometrically: over its last DIVERGENCE_MIN_RECORDS or more
   records log(loss) rises with a slope ≥ DIVERGENCE_T_STAT standard errors above 0, to
   ≥ DIVERGENCE_GROWTH_FACTOR × its minimum and at least ln C (without C: its first value).
-- ``unstable`` [warning]: on per-epoch (or per-evaluation) records only, over the second half of a run of at
-  least UNSTABLE_MIN_RECORDS: the loss swings by a median |Δ| ≥ UNSTABLE_SWING·ln C between consecutive records, the direction of the swings changes in ≥ UNSTABLE_SIGN_CHANGES of them, and the
+- ``unstable`` [warning]: on a per-epoch training loss only, over the second half of a run of at least
+  UNSTABLE_MIN_RECORDS records: the loss swings by a median |Δ| ≥ UNSTABLE_SWING·ln C between consecutive records, the direction of the swings changes in ≥ UNSTABLE_SIGN_CHANGES of them, and the
   half has no trend (|t| of a linear fit < UNSTABLE_T_STAT).
 - ``truncated-log`` [warning]: the log states its planned length (epochs or steps) and reaches less than
   that (epochs: the last epoch logged is below the plan, counted from 0 or from 1 as the log counts; steps:
@@ -126,8 +126,9 @@ UNSTABLE_MIN_RECORDS = 10
 UNSTABLE_SWING = 0.05
 """Median |Δloss| between consecutive records ≥ 0.05·ln C (AUTOTRAINER's oscillating case: 0.07; the noisy
 but healthy road-surface validation loss: 0.007). Needs C: against the loss's own level, a low healthy loss
-swings as much in relative terms. Only per-epoch or per-evaluation losses are read: a per-step loss swings
-with each mini-batch by design."""
+swings as much in relative terms. Only a per-epoch training loss is read: an average over the epoch's
+mini-batches is smooth in a healthy run, while a per-step loss swings with each mini-batch and a validation
+loss with the images it is measured on (road-surface's 0.07 → 3.3 → 0.07), by design."""
 UNSTABLE_SIGN_CHANGES = 0.5
 """The direction flips in at least half of the consecutive pairs (a trend flips rarely; noise in about
 2/3)."""
