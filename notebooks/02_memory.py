@@ -15,21 +15,22 @@
 #
 # The seed system ran out of GPU memory at the first step of epoch 16, blamed "memory accumulation", and
 # answered with a smaller micro-batch (2 × accumulation 8 instead of 4 × 4), `torch.cuda.empty_cache()` every
-# 100 batches and "improved gradient checkpointing usage". This notebook starts from the OOM message in the
-# seed's log, does its arithmetic with the attention-memory estimator and the step-memory predictor (a
-# training step run on meta tensors, counted), measures on a CPU the step that follows an evaluation on a model
-# that keeps its evaluation maps, shows what a leak looks like and why the log does not need one, and measures
-# each part of the seed's fix.
+# 100 batches and "improved gradient checkpointing usage". This notebook reads the OOM message in the seed's
+# log, rebuilds the seed's training step *as its code runs it* (`dcal_studies.predecessor`, written from a
+# reading of the seed's `dual_vit.py`, `attention_modules.py`, `fgvc_config.py` and `train.py`), predicts its
+# ordinary step, its evaluation and the first training step after an evaluation with the same public call a user
+# runs on their own model (`diagnostics.predict_step_memory`), and lets those numbers say what the OOM was. Then
+# it bounds the "accumulation", and measures each part of the seed's fix.
 
 # %%
 # %matplotlib inline
 import itertools
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import timm
 import torch
 import torch.nn.functional as F
 import yaml
@@ -46,11 +47,27 @@ import dcal
 import diagnostics
 from dcal.config import SMALL_VIT, apply_overrides, preset
 from dcal.train import build_datasets, normalisation
-from dcal_studies.predecessor import PredecessorDCAL, predecessor_case
-from dcal_studies.verdicts import CONFIRMED, NOT_REPRODUCED, NUANCED, REFUTED, Verdict, combine, judge, report
-from diagnostics.memory import measure_step_memory, predict_step_memory
+from dcal_studies.predecessor import (
+    VIT_B16,
+    PredecessorDCAL,
+    PredecessorLoss,
+    predecessor_case,
+    predecessor_optimizer,
+)
+from dcal_studies.verdicts import (
+    CONFIRMED,
+    NOT_TESTABLE,
+    NUANCED,
+    REFUTED,
+    Verdict,
+    combine,
+    flip,
+    judge,
+    not_testable,
+    report,
+)
 
-GiB, MiB = 2**30, 2**20
+GiB, MiB, KiB = 2**30, 2**20, 2**10
 SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
 facts = yaml.safe_load((SEED / "facts.yaml").read_text())
 log_text = (SEED / "train_log.txt").read_text()
@@ -76,20 +93,27 @@ print(f"\n{run['backbone']}, {run['img_size']} px, batch {run['batch_physical']}
       f"{run['precision']}; evaluation every {run['eval_every_epochs']} epochs")
 print(f"OOM: epoch {oom['epoch']}, micro-batch {oom['step']}, the first step after evaluation {oom['after_evaluation']} "
       f"(epochs 6 and 11, after evaluations 1 and 2, started fine)")
+eval_bars = sorted(set(int(m) for m in re.findall(r"Evaluating val: 100%\|[^|]*\| (\d+)/\1", log_text)))
+print(f"evaluation progress bars in the log: {eval_bars} batches for {run['test_images']} test images")
 pd.Series({k: oom[k] for k in ("tried_to_allocate_mib", "total_capacity_gib", "free_mib", "process_in_use_gib",
                                "allocated_gib", "reserved_unallocated_gib")})
 
 # %% [markdown]
-# What the message says, by arithmetic: the process held 15.67 GiB, of which 14.12 GiB in live tensors and
-# 1.25 GiB in cached blocks too fragmented to serve the request; the rest (0.30 GiB) is outside PyTorch's
-# allocator (the CUDA context). The failing step needed at least 14.12 GiB + 226 MiB allocated at once.
+# What the message says, by arithmetic. The process held 15.67 GiB: 14.12 GiB in live tensors, 1.25 GiB in
+# cached blocks the allocator could not use for the request (reserved but unallocated), and 0.30 GiB outside
+# PyTorch's allocator (the CUDA context). So tensors could use at most allocated + reserved-unallocated + free
+# = **15.59 GiB** of this GPU (the usable line below), and at the moment of failure they could use 14.34 GiB:
+# the failing step needed **at least 14.12 GiB + 226 MiB = 14.34 GiB** allocated at once. The request missed the
+# free memory by less than 1 MiB.
 
 # %%
 outside = oom["process_in_use_gib"] - oom["allocated_gib"] - oom["reserved_unallocated_gib"]
-needed = oom["allocated_gib"] + oom["tried_to_allocate_mib"] / 1024
-print(f"outside the allocator: {outside:.2f} GiB; live tensors + request: {needed:.2f} GiB; "
-      f"total capacity {oom['total_capacity_gib']} GiB")
-assert abs(outside - 0.30) < 0.005
+needed = oom["allocated_gib"] + oom["tried_to_allocate_mib"] / 1024  # GiB: what the failing step had asked for
+usable = oom["allocated_gib"] + oom["reserved_unallocated_gib"] + oom["free_mib"] / 1024  # GiB: capacity − context
+fragmented = oom["reserved_unallocated_gib"]
+print(f"outside the allocator: {outside:.2f} GiB; usable by tensors: {usable:.2f} GiB; the failing step needed "
+      f"≥ {needed:.2f} GiB; request − free: {oom['tried_to_allocate_mib'] - oom['free_mib']:.2f} MiB")
+assert abs(outside - 0.30) < 0.005 and abs(usable - fragmented - needed) < 0.01
 
 # %% [markdown]
 # ## The OOM arithmetic
@@ -99,7 +123,8 @@ assert abs(outside - 0.30) < 0.005
 # `diagnostics.attention_memory` counts the score maps that eager attention keeps, per DCAL component. For the
 # seed's ViT-B/16 at 448 px (N = 28² + 1 = 785 tokens, 12 heads, 12 blocks), batch 4, fp32 (CUDA autocast runs
 # softmax in fp32): a PWCA map is B·H·N·2N (image 1's queries over both images' keys). The CUDA caching
-# allocator rounds a request above 10 MiB up to a multiple of 2 MiB.
+# allocator rounds a request above 10 MiB up to a multiple of 2 MiB. The failing request was in backward
+# (`scaler.scale(total_loss).backward()`), where the gradient of a PWCA softmax has the map's shape.
 
 # %%
 att = diagnostics.attention_memory("vit_base_patch16_224", run["img_size"], run["batch_physical"], dtype_bytes=4)
@@ -110,221 +135,242 @@ rounded = -(-pwca_map // (2 * MiB)) * 2 * MiB  # the allocator's rounding for la
 print(f"N = {d['N']}, H = {d['H']}, L = {d['L']}: one PWCA map {pwca_map / MiB:.1f} MiB, requested as "
       f"{rounded / MiB:.0f} MiB; the log: {oom['tried_to_allocate_mib']:.0f} MiB")
 assert rounded / MiB == oom["tried_to_allocate_mib"]
-(att[["layers", "map", "mb", "dcal", "seed"]].assign(GiB=att["mb"] * 1e6 / GiB).drop(columns="mb").round(2))
 
 # %% [markdown]
-# ### The step's peak, predicted at the seed's setting
+# ## The seed's step as its code runs it
 #
-# `diagnostics.memory.predict_step_memory` runs a training step on meta tensors (no weight, no data: shapes
-# only) under the same live-tensor tracker that measures CPU steps, with the CUDA allocator's block rounding and
-# CUDA autocast's fp32 softmax. `predecessor_case` runs it on `PredecessorDCAL` — the seed's design: eager attention, a
-# second SA pass for PWCA's image 2, full N × N rollout products, and the maps of the last evaluation forward kept
-# on the module (`self.attention_maps`) — and on `dcal`'s DCAL, at the seed's setting: ViT-B/16, 448 px, batch 4,
-# FP16, C = 200, Adam. Three peaks each: a training step in mid-epoch, an evaluation step, and the first training
-# step after an evaluation.
-
-# %%
-case = predecessor_case(batch_size=run["batch_physical"], img_size=run["img_size"], amp_dtype=torch.float16)
-
-
-def peaks(pred) -> dict:
-    return {"mid-epoch step": pred.peak_bytes / GiB, "evaluation": pred.eval_peak_bytes / GiB,
-            "first step after evaluation": pred.train_after_eval_peak_bytes / GiB}
-
-
-predicted = pd.DataFrame({"seed's design": peaks(case["seed"]), "dcal": peaks(case["ours"])}).T
-predicted.assign(**{"the log (allocated + request)": needed}).round(2)
-
-# %%
-seed_mid, seed_after = case["seed"].peak_bytes, case["seed"].train_after_eval_peak_bytes
-kept = d["L"] * d["B"] * d["H"] * d["N"] ** 2 * 4  # one fp32 SA map per block, from the last eval batch
-print(f"first step after evaluation − mid-epoch step: {(seed_after - seed_mid) / GiB:.2f} GiB (seed's design), "
-      f"{(case['ours'].train_after_eval_peak_bytes - case['ours'].peak_bytes) / GiB:.2f} GiB (dcal); "
-      f"the kept maps, L·B·H·N²·4 B: {kept / GiB:.2f} GiB")
-print(f"predicted first step after evaluation: {seed_after / GiB:.2f} GiB = {seed_after / GiB / needed:.3f} of "
-      f"the log's {needed:.2f} GiB")
-assert abs((seed_after - seed_mid) - kept) < 0.01 * kept
-assert case["ours"].train_after_eval_peak_bytes == case["ours"].peak_bytes
-
-# %% [markdown]
-# The first step after an evaluation is the largest step of the seed's run: the maps its evaluation kept
-# (1.32 GiB) are still alive while the next training step builds its own. The prediction of that step, 13.7 GiB,
-# is 95 % of what the log shows the step holding; the prediction does not model cuBLAS and attention-kernel
-# workspaces or the GradScaler's state. (If the seed evaluated at batch 4, its last evaluation batch held
-# 5794 mod 4 = 2 images, and the kept maps were half as large: 13.0 GiB.) The same step at the same batch in
-# `dcal` — fused attention, PWCA reusing the SA pass's keys and values, nothing kept after evaluation — is
-# predicted at 3.6 GiB.
+# `PredecessorDCAL` (in `dcal_studies/predecessor.py`) is written from a reading of the seed's code; what decides
+# its memory, with where it was read:
 #
-# What made *this* post-evaluation step fail and not the two before it the log cannot say. It shows the
-# margin: 1.25 GiB of the GPU sat in fragmented cached blocks, and the request was 226 MiB.
+# - **Its own ViT-B with eager attention and dropout everywhere** (`models/attention_modules.py`,
+#   `configs/fgvc_config.py`: `dropout: float = 0.1`): every softmax map is materialised, then dropped out
+#   (`attn_dropout`), then the projection (`proj_dropout`) and the MLP twice (after GELU, after the second
+#   linear). On a GPU `nn.Dropout` keeps a 1-byte bool mask per element for backward; at ViT-B/448, batch 4, the
+#   masks on the attention maps alone are 1.3 GiB.
+# - **The training forward** (`models/dual_vit.py`, `DualCrossAttentionViT.forward`, the path that prints
+#   "Standard forward without checkpointing"): per block, SA on image 1 (its map appended to the rollout
+#   history), SA on image 2 (the paired image evolves through every block to give PWCA its keys and values),
+#   then PWCA with image 1's queries over both images' keys: a (B, H, N, 2N) map. Then one GLCA block with its
+#   own projections (queries: CLS and the top 10 % patches by rollout, over all N keys) and its MLP on all tokens.
+# - **What the model keeps**: at the end of every forward, `self.attention_maps` is set: to the 12 SA maps in
+#   evaluation, to `{}` in training (`dual_vit.py`, the end of `forward`, ≈ lines 435–441). The evaluation's maps
+#   therefore live through the next training **forward** and are freed at its end, **before the backward** in
+#   which the OOM was raised.
+# - **The trainer** (`train.py`): FP16 autocast around forward and loss, `GradScaler`, `torch.optim.Adam` over the
+#   model's and the loss's parameters; evaluation under `torch.no_grad()` in batches of 4 — the log's "1449/1449"
+#   is ⌈5,794 / 4⌉, so the last evaluation batch holds 2 images, and those are the maps left on the module.
 #
-# ## Diagnose: the step after an evaluation, measured
-#
-# The prediction is checked against a measurement on this CPU: the same three steps run for real under the
-# live-tensor tracker (`measure_step_memory`), on the seed's design with a DeiT-Tiny at 224 px, batch 4
-# (small enough for a CPU) and on `dcal`'s DCAL of the same size.
-
-# %%
-def adam(m, _loss):
-    return torch.optim.Adam(m.parameters(), lr=1e-5, weight_decay=0.05)  # the seed's optimiser
-
-
-def seed_loss(out):
-    """Cross-entropy of each branch present against fixed labels (the seed's three heads)."""
-    y = torch.arange(out[0].shape[0]) % out[0].shape[1]
-    return sum(F.cross_entropy(z, y) for z in out if z is not None)
-
-
-torch.manual_seed(0)
-x4 = torch.randn(4, 3, 224, 224)
-tiny_seed = PredecessorDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
-tiny_ours = dcal.build_model("deit_tiny_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.0)
-measured = {"seed's design": measure_step_memory(tiny_seed, x4, loss_fn=seed_loss, optimizer=adam, eval_inputs=(x4,)),
-            "dcal": measure_step_memory(tiny_ours, x4, eval_inputs=(x4,))}
-pd.DataFrame({name: {k: v * GiB / MiB for k, v in peaks(m).items()} for name, m in measured.items()}).T.round(1) \
-    .rename(columns=lambda c: f"{c} (MiB)")
+# The stored snapshot of the repository that this reading used does not hold commit `9b6147a` itself (the
+# nearest stored versions of these files were read). One number ties the reading to the code that ran: the
+# log's line 5, "Model initialized with 93.65M parameters".
 
 # %%
 with torch.device("meta"):
-    meta_seed = PredecessorDCAL(timm.create_model("deit_tiny_patch16_224", pretrained=False), 10)
-pred_tiny = predict_step_memory(meta_seed, (4, 3, 224, 224), loss_fn=seed_loss, optimizer=adam,
-                                eval_inputs=(4, 3, 224, 224), target="cpu")
-m = measured["seed's design"]
-att_tiny = diagnostics.attention_memory("deit_tiny_patch16_224", 224, 4, dtype_bytes=4).attrs
-kept_tiny = att_tiny["L"] * att_tiny["B"] * att_tiny["H"] * att_tiny["N"] ** 2 * 4
-jump = m.train_after_eval_peak_bytes - m.peak_bytes
-print(f"measured: first step after evaluation − mid-epoch step = {jump / MiB:.2f} MiB; kept maps by arithmetic "
-      f"{kept_tiny / MiB:.2f} MiB; dcal: {(measured['dcal'].train_after_eval_peak_bytes - measured['dcal'].peak_bytes) / MiB:.2f} MiB")
-print("predicted on meta = measured, all three peaks:", peaks(pred_tiny) == peaks(m))
-assert jump == kept_tiny and peaks(pred_tiny) == peaks(m)
-assert measured["dcal"].train_after_eval_peak_bytes == measured["dcal"].peak_bytes
+    seed_model = PredecessorDCAL(run["img_size"], run["num_classes"], **VIT_B16)
+n_params = sum(p.numel() for p in seed_model.parameters())
+print(f"PredecessorDCAL at ViT-B/16, {run['img_size']} px, {run['num_classes']} classes: {n_params / 1e6:.2f}M "
+      f"parameters; the log: {run['parameters_millions']}M")
+assert round(n_params / 1e6, 2) == run["parameters_millions"]
 
 # %% [markdown]
-# Measured: the step after an evaluation is larger by exactly the maps the model kept, to the byte, and the
-# meta-tensor prediction equals the measurement. `dcal`'s step after an evaluation is its ordinary step.
+# ### Thresholds, before the prediction
 #
-# ## Diagnose: what a leak looks like
+# Every number below is the PyTorch-allocated peak (what `torch.cuda.max_memory_allocated` counts), predicted by
+# `predict_step_memory` for a CUDA target (its 512-byte blocks, CUDA autocast's fp32 softmax and LayerNorm,
+# Adam's multi-tensor path). The claims and what decides each:
 #
-# The seed's diagnosis, "memory accumulation", is a leak: memory that grows from step to step because the loop
-# keeps something alive. An illustration, planted here (not the seed's story): three loops of 10 steps on the
-# small demo-sized DCAL, storing each step `loss.item()` (correct), `loss` (the classic leak), or a monitoring
-# loss computed with autograd on (a graph kept *before* any backward). `diagnostics.LeakDetector` fits a slope
-# to the live memory and to the number of graph-holding tensors.
+# - **the ordinary step needs what the OOM shows**: its predicted peak ≥ 14.34 GiB (allocated + the failed
+#   request); and it **fits the GPU unfragmented**: below the usable 15.59 GiB (15 epochs of such steps ran);
+# - **the evaluation's maps were alive in the failing backward** (this notebook's earlier reading): the first
+#   step after an evaluation has a larger *backward* peak than an ordinary step, by more than the allocator's
+#   2 MiB rounding;
+# - **the first step after an evaluation is the run's largest**: its peak (any phase) exceeds the ordinary
+#   step's by more than 2 MiB;
+# - **the OOM's fragmentation is enough to fail the step**: ordinary peak + 1.25 GiB > 15.59 GiB.
 
 # %%
-torch.manual_seed(0)
-small = dcal.build_model("vit_tiny_patch16_224", num_classes=10, img_size=64, drop_path_rate=0.0, **SMALL_VIT)
-small_loss = dcal.UncertaintyLoss(3)
-small_opt = torch.optim.AdamW(dcal.param_groups(small, small_loss), lr=1e-4)
-gen = torch.Generator().manual_seed(0)
-X, Y = torch.randn(8, 3, 64, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-
-
-def dcal_loss(x, y):
-    out = small(x)
-    return small_loss([F.cross_entropy(z, y) for z in (out.sa_logits, out.glca_logits, out.pwca_logits)])
-
-
-def train_loop(keep, steps=10):
-    """`keep(loss, x, y)` is what the loop stores each step; returns the LeakDetector and the stored list."""
-    stored, det = [], diagnostics.LeakDetector(warmup=2)
-    with diagnostics.MemoryProfiler("cpu", baseline=None) as prof:  # live bytes allocated since the loop began
-        for s in range(steps):
-            with prof.step():
-                loss = dcal_loss(X, Y)
-                loss.backward()
-                small_opt.step()
-                small_opt.zero_grad(set_to_none=True)
-                stored.append(keep(loss, X, Y))
-                del loss
-            det.update(s, mem_mb=prof.history[-1]["mem_allocated_mb"], graph_tensors=diagnostics.count_graph_tensors())
-    return det, stored
-
-
-loops = {"losses.append(loss.item())": lambda loss, x, y: loss.item(),
-         "losses.append(loss)": lambda loss, x, y: loss,
-         "kept a loss computed before backward": lambda loss, x, y: dcal_loss(x, y)}
-leaks = {}
-for name, keep in loops.items():
-    det, stored = train_loop(keep)
-    fits = det.fits()
-    leaks[name] = {"MB per step": round(fits["mem_mb"]["slope"]), "graph tensors per step": fits["graph_tensors"]["slope"],
-                   "flagged": ", ".join((det.report() or {}).get("flagged", [])) or "–"}
-    del stored
-pd.DataFrame(leaks).T
-
-# %%
-leak_rate = leaks["kept a loss computed before backward"]["MB per step"]
-assert leaks["losses.append(loss.item())"]["flagged"] == "–"
-assert leaks["losses.append(loss)"]["graph tensors per step"] == 1.0 and leak_rate > 10
+ROUNDING_MIB = 2  # the allocator's rounding of a large block: the smallest difference we call one
+thresholds = pd.Series({"the OOM's need (allocated + request), GiB": needed, "usable (capacity − context), GiB": usable,
+                        "reserved but unallocated, GiB": fragmented, "smallest difference, MiB": ROUNDING_MIB})
+thresholds.round(2)
 
 # %% [markdown]
-# A kept graph grows memory by a constant amount per step: the run fails at whatever step the growth crosses
-# the limit. A loss kept *after* its backward holds graph nodes and one scalar; a loss kept before backward
-# holds every activation its graph saved (here tens of MB per step on a 64-px model).
+# ### The prediction
 #
-# The seed's log has no memory numbers per step, so it cannot show a leak; what it bounds is its size. The
-# predicted step after an evaluation accounts for all but the gap below of what the log shows allocated; a
-# leak could be no larger than that gap, spread over the 15 epochs of micro-batches that ran before the failure:
+# Two calls of `diagnostics.predict_step_memory` on meta-built models: `predecessor_case` runs the seed's model
+# through two training steps, an evaluation of the last batch (2 images) and the first training step after it;
+# the second call runs the same training steps and an evaluation batch of 4 (the evaluation's peak) on a model
+# that differs only in keeping its evaluation maps through training (this notebook's earlier reading of the
+# seed: the control of the verdicts below). Their ordinary training steps must agree (to one 512-byte block).
 
 # %%
-micro_batches = run["epochs_logged"] * run["micro_batches_per_epoch"]
-gap = needed * GiB - seed_after
-print(f"unexplained by the prediction: {gap / GiB:.2f} GiB over {micro_batches} micro-batches = at most "
-      f"{gap / micro_batches / 1024:.0f} KiB per micro-batch")
-assert gap / micro_batches < 0.01 * leak_rate * 1e6  # < 1/100 of the planted leak's rate
+class KeepsEvalMaps(PredecessorDCAL):
+    """The earlier reading of the seed: the evaluation's maps stay on the module through training."""
 
-# %% [markdown]
-# A leak of the planted kind (tens of MB per step, and more at ViT-B's 448 px) would have filled 16 GiB within
-# the first epoch. Any growth the log allows is under about 30 KiB per micro-batch — and the failure needs none:
-# the step after the evaluation is the largest step of the run by design.
-#
-# ## The seed's fix, measured
-#
-# ### Batch 2 × accumulation 8 (and gradient checkpointing)
-#
-# Predicted at the seed's setting for the seed's design at micro-batch 2 with accumulation 8 (with
-# accumulation, micro-batches after the first run their forward while the accumulated gradients are alive),
-# and for `dcal` with and without gradient checkpointing (which the seed's log printed as enabled, but its PWCA
-# path ran without, SEED_EVIDENCE.md).
+    def forward(self, x, x_pair=None):
+        kept = self.attention_maps if self.training else None
+        out = super().forward(x, x_pair)
+        if self.training:
+            self.attention_maps = kept
+        return out
 
-# %%
+
+case = predecessor_case(batch_size=run["batch_physical"], img_size=run["img_size"], num_classes=run["num_classes"],
+                        amp_dtype=torch.float16, eval_batch_size=2)
+seed = case["seed"]
+assert case["parameters"] == n_params
 with torch.device("meta"):
-    vitb_seed = PredecessorDCAL(timm.create_model("vit_base_patch16_224", pretrained=False, img_size=448), 200)
-    vitb_ckpt = dcal.build_model("vit_base_patch16_224", num_classes=200, img_size=448, pretrained=False,
-                                 grad_checkpointing=True)
-common = dict(amp_dtype=torch.float16, eval_inputs=(4, 3, 448, 448))
-seed_b2 = predict_step_memory(vitb_seed, (2, 3, 448, 448), loss_fn=seed_loss, optimizer=adam, grad_accum_steps=8, **common)
-ours_ckpt = predict_step_memory(vitb_ckpt, (4, 3, 448, 448), **common)
-fixes = pd.DataFrame({"seed's design, 4 × 4": peaks(case["seed"]), "seed's design, 2 × 8": peaks(seed_b2),
-                      "dcal, 4": peaks(case["ours"]), "dcal, 4, checkpointing": peaks(ours_ckpt)}).T
-fixes.round(2)
+    keeps = KeepsEvalMaps(run["img_size"], run["num_classes"], **VIT_B16)
+x4 = (run["batch_physical"], 3, run["img_size"], run["img_size"])
+p_keeps = diagnostics.predict_step_memory(keeps, (x4, x4), loss_fn=PredecessorLoss(), optimizer=predecessor_optimizer,
+                                          amp_dtype=torch.float16, eval_inputs=(x4,), target="cuda")
+BLOCK = 512  # bytes: the allocator's smallest block (a process's first prediction counts one more)
+assert all(abs(p_keeps.train[k].peak_bytes - seed.train[k].peak_bytes) <= BLOCK for k in seed.train)
+
+
+def phase_peaks(phases: dict) -> dict:
+    return {name: p.peak_bytes / GiB for name, p in phases.items()}
+
+
+steps = pd.DataFrame({"ordinary training step": phase_peaks(seed.train),
+                      "first training step after an evaluation": phase_peaks(seed.train_after_eval)}).T
+steps["evaluation step"] = np.nan
+steps.loc["evaluation, batch 4", "evaluation step"] = p_keeps.eval_peak_bytes / GiB
+steps.loc["evaluation, last batch (2)", "evaluation step"] = seed.eval_peak_bytes / GiB
+steps.round(2)
 
 # %%
-r_batch = seed_b2.train_after_eval_peak_bytes / seed_after
-r_ckpt = ours_ckpt.peak_bytes / case["ours"].peak_bytes
-headroom = needed - seed_b2.train_after_eval_peak_bytes / GiB
-print(f"seed's design, first step after evaluation: 2 × 8 / 4 × 4 = {r_batch:.2f}; headroom under the log's "
-      f"{needed:.2f} GiB: {headroom:.1f} GiB; dcal with checkpointing / without: {r_ckpt:.2f}")
-assert r_batch < 0.7 and r_ckpt < 0.6
+comp = pd.Series(seed.train["backward"].composition) / GiB
+print("the ordinary step's peak (backward), by what is alive (GiB):")
+print(comp[comp > 0].round(2).to_string())
 
 # %%
-fig = Figure(figsize=(8, 3.2), layout="constrained")
+P = seed.peak_bytes / GiB  # the ordinary step's peak (its backward)
+bwd_added = round((seed.train_after_eval["backward"].peak_bytes - seed.train["backward"].peak_bytes) / MiB, 2) + 0.0
+P_after = seed.train_after_eval_peak_bytes / GiB
+kept_maps = d["L"] * 2 * d["H"] * d["N"] ** 2 * 4 / GiB  # the last evaluation batch's 12 fp32 SA maps (B = 2)
+print(f"ordinary step: {P:.2f} GiB at its {seed.peak_phase}; the OOM's need {needed:.2f}; usable {usable:.2f}")
+print(f"first step after an evaluation: forward {seed.train_after_eval['forward'].peak_bytes / GiB:.2f} GiB "
+      f"(+{P_after - P:.2f} over the ordinary step; the kept maps L·2·H·N²·4 B = {kept_maps:.2f} GiB), "
+      f"backward + {bwd_added:.0f} MiB over the ordinary backward")
+print(f"headroom of the ordinary step on the unfragmented GPU: {usable - P:.2f} GiB; the OOM's fragmentation: "
+      f"{fragmented:.2f} GiB")
+
+# %% [markdown]
+# What the numbers say:
+#
+# - **The seed's ordinary training step needed 14.38 GiB**, every step of the run: more than the 14.34 GiB the
+#   failing step had asked for when it failed, and 1.21 GiB under the 15.59 GiB the GPU had for tensors. The
+#   fp32 softmax outputs are 5.3 GiB of it, and the other saved activations — the maps' fp16 copies, the
+#   dropout masks, the MLP and projection outputs of three passes per block — 7.5 GiB.
+# - **The evaluation's maps were not alive in the failing backward**: the seed clears them at the end of the
+#   training forward, and the backward of the first step after an evaluation is the ordinary backward, to the
+#   byte. What the evaluation does change is the forward before it: it runs with the last evaluation batch's 12
+#   maps (0.66 GiB) alive, and peaks 0.55 GiB higher than any ordinary step, at 14.93 GiB: the largest step of
+#   the run, and the only one that makes the allocator hold more than an ordinary step does.
+# - **So the OOM was an ordinary backward that found the memory fragmented.** With 1.25 GiB of the cache
+#   unusable for a 226 MiB block, the backward's 14.38 GiB no longer fits in 15.59 GiB (14.38 + 1.25 = 15.63).
+#   How the cache came to be that fragmented is the allocator's history (block sizes and splits), which a
+#   prediction of tensor sizes cannot give. The log is consistent with the one step that differs: an
+#   evaluation at batch 4 and 2 (other block sizes than training), then a forward with 12 blocks of 56 MiB alive
+#   that are freed between the forward and the backward — and it did not fail after evaluations 1 and 2, so the
+#   layout, not a size, decided which evaluation failed.
+#
+# ### On a plot
+
+# %%
+fig = Figure(figsize=(9, 3.6), layout="constrained")
 ax = fig.subplots()
-xs = np.arange(len(fixes))
-for j, col in enumerate(fixes.columns):
-    ax.bar(xs + (j - 1) * 0.27, fixes[col], width=0.27, label=col)
-ax.axhline(needed, color="black", ls="--", lw=1, label="the log: allocated + request")
-ax.axhline(oom["total_capacity_gib"], color="grey", ls=":", lw=1, label="GPU capacity")
-ax.set_xticks(xs, fixes.index, fontsize=8)
-ax.set(ylabel="predicted peak (GiB)", title="ViT-B/16, 448 px, FP16: one training step (predicted on meta tensors)")
-ax.legend(fontsize=7)
+bars = {"ordinary step": [seed.train[k].peak_bytes / GiB for k in ("forward", "backward")],
+        "first step after\nan evaluation": [seed.train_after_eval[k].peak_bytes / GiB for k in ("forward", "backward")]}
+xs = np.arange(len(bars))
+for j, phase in enumerate(("forward", "backward")):
+    b = ax.bar(xs + (j - 0.5) * 0.35, [v[j] for v in bars.values()], width=0.35, label=f"{phase} peak (predicted)")
+    ax.bar_label(b, fmt="%.2f", fontsize=8)
+ax.axhline(oom["total_capacity_gib"], color="grey", ls=":", lw=1, label="GPU capacity (15.89 GiB)")
+ax.axhline(usable, color="black", lw=1.2, label=f"usable: capacity − CUDA context ({usable:.2f} GiB)")
+ax.axhline(needed, color="crimson", ls="--", lw=1,
+           label=f"the OOM: allocated + request ({needed:.2f} GiB)\n= usable − 1.25 GiB reserved but unallocated")
+ax.set_xticks(xs, list(bars), fontsize=8)
+ax.set_xlim(-0.6, 1.6)
+ax.set_ylim(13, 16.2)
+ax.set(ylabel="GiB allocated by PyTorch (axis from 13)",
+       title="The seed's training step (ViT-B/16, 448 px, batch 4, FP16), predicted from its code")
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 fig
 
 # %% [markdown]
-# Halving the micro-batch lowers the seed's worst step to about 60 % (weights, gradients and Adam's two moments
-# do not shrink with the batch): it would have fit with several GiB to spare. The smaller batch fixes the OOM —
-# not because anything accumulated, but because the largest step got smaller.
+# ### Why the old model said otherwise
+#
+# This notebook's previous model of the seed kept the evaluation's maps on the module through the whole next
+# step, left dropout out, and predicted 13.7 GiB for the step after evaluation. Dropout alone is large: a bool
+# mask per element of each map the step keeps (image 1's and image 2's SA maps, the PWCA map) and per element of
+# the MLP's hidden activations and the block outputs:
+
+# %%
+B, H, N, C, L = d["B"], d["H"], d["N"], 768, d["L"]
+masks_attention = L * B * H * N * (N + N + 2 * N)  # bytes: 1 per element of the SA, SA (image 2) and PWCA maps
+masks_other = L * 3 * B * N * (3072 + 2 * C)  # per pass: after GELU, after the MLP, after the projection
+print(f"dropout masks kept for backward: attention {masks_attention / GiB:.2f} GiB, MLP and projections "
+      f"{masks_other / GiB:.2f} GiB; the ordinary step without them ≈ {P - (masks_attention + masks_other) / GiB:.1f} GiB, "
+      f"under the OOM's {needed:.2f}")
+
+# %% [markdown]
+# ## "Memory accumulation": what the log allows
+#
+# The seed's diagnosis, "memory accumulation", is a leak: memory that grows from step to step because the loop
+# keeps something alive. The classic one, a loss kept with its graph (`losses.append(loss)` before its
+# backward, or a monitoring loss computed with autograd on), keeps every activation the step saved: at the
+# seed's setting 12.8 GiB per micro-batch (the saved activations and maps above), full in one step. The log
+# has no memory numbers per step, so it cannot show a leak; what it bounds is its size. Steps that ran put a
+# ceiling on growth: the first step of epoch 11 (after 10 × 1,498 micro-batches and 2 evaluations) reached the
+# after-evaluation forward peak plus any growth, the last step of epoch 15 (after 22,469 micro-batches and 2
+# evaluations) the ordinary peak plus any growth, and both fitted in the usable 15.59 GiB. Growth per
+# micro-batch g and per evaluation e, each alone (upper bounds: they assume no fragmentation in the steps that
+# ran):
+
+# %%
+per_epoch = run["micro_batches_per_epoch"]
+ceilings = {"first step of epoch 11": (P_after, 10 * per_epoch, 2),
+            "last step of epoch 15": (P, run["epochs_logged"] * per_epoch - 1, 2)}
+g_max = min((usable - peak) / n_mb for peak, n_mb, _ in ceilings.values()) * GiB  # bytes per micro-batch
+e_max = min((usable - peak) / n_ev for peak, _, n_ev in ceilings.values())  # GiB per evaluation
+graph_kept = (comp["attention_maps"] + comp["activations"]) * GiB  # bytes a kept graph would hold per micro-batch
+print(f"growth per micro-batch ≤ {g_max / KiB:.0f} KiB; per evaluation ≤ {e_max:.2f} GiB; a kept graph: "
+      f"{graph_kept / GiB:.1f} GiB per micro-batch")
+assert g_max < 1e-4 * graph_kept
+
+# %% [markdown]
+# A leaked graph would have failed the second step. Any growth the log allows is under 46 KiB per micro-batch, or a third of a GiB per
+# evaluation — and the failure needs none: the ordinary step already needs more than the failing step had asked
+# for.
+#
+# ## The seed's fix, measured
+#
+# ### Batch 2 × accumulation 8
+#
+# The same public call on the same model at micro-batch 2 with accumulation 8 (micro-batches after the first run
+# their forward with the accumulated gradients alive). Evaluating in batches of 2 (5,794 is even: every batch
+# holds 2), the first training step after an evaluation adds the last batch's maps (0.66 GiB) to its forward,
+# exactly, as the prediction at batch 4 showed (and `tests/test_predecessor.py` checks). Added to the forward
+# peak with the accumulated gradients alive, which the first micro-batch of an epoch does not have, that is an
+# upper bound of the step after an evaluation:
+
+# %%
+x2 = (2, 3, run["img_size"], run["img_size"])
+seed_b2 = diagnostics.predict_step_memory(seed_model, (x2, x2), loss_fn=PredecessorLoss(),
+                                          optimizer=predecessor_optimizer, amp_dtype=torch.float16,
+                                          grad_accum_steps=8, target="cuda")
+after_b2 = seed_b2.train["forward"].peak_bytes / GiB + kept_maps  # upper bound: the forward with the maps alive
+worst_b2 = max(seed_b2.peak_bytes / GiB, after_b2)
+print(f"batch 2 × 8: ordinary step {seed_b2.peak_bytes / GiB:.2f} GiB, first step after an evaluation "
+      f"≤ {after_b2:.2f} GiB; worst + the OOM's fragmentation {worst_b2 + fragmented:.2f} GiB vs usable {usable:.2f} GiB")
+
+# %% [markdown]
+# Halving the micro-batch takes the seed's worst step from 14.93 GiB to at most 8.75 GiB (the weights and Adam's two
+# moments, 1.05 GiB, do not shrink with the batch): it fits with several GiB to spare even with the OOM's
+# fragmentation. The smaller batch fixed the OOM — not because anything accumulated, but because every step got
+# smaller.
 #
 # ### Does 2 × 8 train on the same gradient as 4 × 4?
 #
@@ -413,110 +459,121 @@ assert pairings["reachable by a 2 + 2 split"].sum() == 3 and loss_all.max() - lo
 #
 # ### `torch.cuda.empty_cache()` every 100 batches
 #
-# `empty_cache()` returns the caching allocator's *unoccupied* cached blocks to the driver: it lowers
+# `empty_cache()` returns the caching allocator's *unoccupied* cached segments to the driver: it lowers
 # `memory_reserved`, never `memory_allocated`. PyTorch's documentation (`torch.cuda.memory.empty_cache`):
 # "empty_cache() doesn't increase the amount of GPU memory available for PyTorch. However, it may help reduce
-# fragmentation of GPU memory in certain cases." On a machine without CUDA it does nothing, so it cannot be
-# measured here: the cell below measures it when a GPU is present (allocate 8 × 64 MiB, free half, call it) and
-# says so otherwise.
-
-# %%
-CHUNK = 64 * MiB
-if torch.cuda.is_available():
-    blocks = [torch.empty(CHUNK, dtype=torch.uint8, device="cuda") for _ in range(8)]
-    del blocks[::2]  # 4 × 64 MiB freed: cached by the allocator, still reserved
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    torch.cuda.empty_cache()
-    after = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    cuda_effect = {"allocated freed (MiB)": (before[0] - after[0]) / MiB,
-                   "reserved released (MiB)": (before[1] - after[1]) / MiB}
-    print(cuda_effect)
-    del blocks
-else:
-    cuda_effect = None
-    print(f"CUDA available: {torch.cuda.is_available()}; empty_cache() is a no-op here: not measured")
+# fragmentation of GPU memory in certain cases." Before it raises an OOM the allocator already frees its
+# unoccupied cached segments and retries, so what the message still calls "reserved but unallocated" sits in
+# segments partly in use, which `empty_cache()` cannot return either. Whether calling it every 100 batches
+# would have changed the cache's layout at epoch 16 needs the seed's GPU; it is not measured here.
 
 # %% [markdown]
-# ## What actually fixes it
-#
-# - Keep no evaluation state alive into training: `dcal`'s model keeps nothing on the module (measured above: its
-#   step after an evaluation is its ordinary step).
-# - Make the largest step smaller: fused attention keeps no score map (`dcal.layers` uses SDPA), PWCA reuses the
-#   SA pass's keys and values instead of a second SA pass, gradient checkpointing on the path that runs; a
-#   smaller micro-batch last (with PWCA's pairing caveat).
-# - Predict before running: `dcal memory --preset NAME --precision fp16 --gpu-memory 16` predicts the training
-#   step, the evaluation step and the first step after it, and the largest micro-batch that fits. When a run
-#   does fail, `diagnostics.oom_snapshot` writes the allocator's snapshot, and the OOM message's fragmentation
-#   (reserved but unallocated) has a documented remedy: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`.
-# - For a real leak: keep no tensor that holds a graph (`loss.item()`, monitoring under `torch.no_grad()`);
-#   `diagnostics.MemoryCallback` / `diagnostics.watch` log memory per step and `LeakDetector` flags growth.
-#
 # ## Verdicts
 #
-# Thresholds: an exact arithmetic matches to the allocator's 2 MiB rounding; a change "lowers the peak" at
-# a ratio ≤ 0.9; batch 2 × 8 "avoids the OOM" when its predicted worst step stays below what the batch-4 step
-# reached by more than the prediction's own gap (0.6 GiB); the same gradient means ‖Δg‖/‖g‖ < 1e-5; a leak
-# is a symptom of steps growing, which only a per-step memory log can show.
+# The thresholds were stated before the prediction (above); for the fix: batch 2 × 8 "avoids the OOM" when its
+# worst step plus the OOM's 1.25 GiB of fragmentation stays under the usable 15.59 GiB; the same gradient means
+# ‖Δg‖/‖g‖ < 1e-5. The prediction leaves out terms that only add to a step (cuBLAS workspaces, the GradScaler's
+# scale, `clip_grad_norm_`'s norms: MiB each), so its peaks are lower bounds of what the seed's allocator counted.
 
 # %%
-LOWERS = 0.9
-v_map = Verdict("226 MiB is one fp32 PWCA score map of ViT-B/16 at 448 px, batch 4",
-                CONFIRMED if rounded / MiB == oom["tried_to_allocate_mib"] else REFUTED,
-                f"B·H·N·2N·4 B = {pwca_map / MiB:.1f} MiB, rounded to 2 MiB: {rounded / MiB:.0f} MiB").expect(CONFIRMED)
-v_after = judge("the first step after an evaluation is the run's largest (maps kept on the module)",
-                (seed_after - seed_mid) / GiB, 0.0, quantity="its extra GiB, predicted at ViT-B/448").expect(CONFIRMED)
-v_leak = judge("the OOM came from memory accumulating during training (the seed's root cause)", gap / GiB,
-               0.0, reproduced=False, quantity="GiB left unexplained by the largest step",
-               budget="the log (no per-step memory) and the seed's design (no growth)").expect(NOT_REPRODUCED)
-v_batch = judge("batch 2 × 8 instead of 4 × 4 avoids the OOM", headroom, gap / GiB,
-                quantity="GiB under the batch-4 step's need").expect(CONFIRMED)
+v_map = judge("226 MiB is one fp32 PWCA score map of ViT-B/16 at 448 px, batch 4",
+              abs(rounded / MiB - oom["tried_to_allocate_mib"]), 1.0, holds_if="<",
+              quantity="|B·H·N·2N·4 B rounded to 2 MiB − the log's request| in MiB").expect(CONFIRMED)
+v_edge = combine("the seed's ordinary training step was at the edge of its GPU", [
+    judge("it needs the OOM's allocated + request", P, needed, quantity="predicted peak GiB"),
+    judge("it fits the unfragmented GPU", P, usable, holds_if="<", quantity="predicted peak GiB"),
+]).expect(CONFIRMED)
+v_kept = judge("the evaluation's maps were still alive in the failing backward", bwd_added, ROUNDING_MIB,
+               quantity="MiB the first backward after an evaluation adds").expect(REFUTED)
+v_largest = judge("the first training step after an evaluation is the run's largest", round((P_after - P) * 1024),
+                  ROUNDING_MIB, quantity="MiB its forward adds over the ordinary step").expect(CONFIRMED)
+v_frag = judge("the OOM's 1.25 GiB reserved-but-unallocated is enough to fail the ordinary step",
+               P + fragmented - usable, 0.0, quantity="GiB of peak + fragmentation over the usable memory").expect(CONFIRMED)
+v_leak = not_testable("the OOM came from memory accumulating during training (the seed's root cause)",
+                      f"the log has no per-step memory; growth ≤ {g_max / KiB:.0f} KiB per micro-batch or "
+                      f"≤ {e_max:.2f} GiB per evaluation, and none is needed: the ordinary step needs "
+                      f"{P:.2f} GiB ≥ the OOM's {needed:.2f}")
+v_batch = judge("batch 2 × 8 instead of 4 × 4 avoids the OOM", worst_b2 + fragmented, usable, holds_if="<",
+                quantity="worst step at 2 × 8 (upper bound) + 1.25 GiB fragmented, GiB").expect(CONFIRMED)
 v_grad = combine("batch 2 × 8 trains on the same gradient as the large batch", [
     Verdict("without PWCA", CONFIRMED if diff_off < SAME else REFUTED, f"‖Δg‖/‖g‖ < {SAME:g}: {diff_off < SAME}"),
     Verdict("with PWCA, per step", CONFIRMED if diff_on < SAME else REFUTED, f"‖Δg‖/‖g‖ = {diff_on:.2f}"),
     Verdict("with PWCA, over the data order", CONFIRMED if exp_diff < SAME else REFUTED,
             f"means over pairings: ‖Δg‖/‖g‖ < {SAME:g}: {exp_diff < SAME}"),
 ]).expect(NUANCED)
-if cuda_effect is None:
-    v_cache = judge("torch.cuda.empty_cache() every 100 batches prevents the OOM", 0.0, 0.0, reproduced=False,
-                    quantity="allocated MiB freed", budget="this CPU-only budget (without CUDA empty_cache is a no-op)")
-else:
-    v_cache = judge("torch.cuda.empty_cache() every 100 batches prevents the OOM",
-                    cuda_effect["allocated freed (MiB)"], 0.0, quantity="allocated MiB freed")
-v_cache.expect(NOT_REPRODUCED if cuda_effect is None else REFUTED)
-v_ckpt = judge("gradient checkpointing lowers the step's peak", r_ckpt, LOWERS, holds_if="<",
-               quantity="dcal ViT-B/448 peak with / without").expect(CONFIRMED)
-verdicts = [v_map, v_after, v_leak, v_batch, v_grad, v_cache, v_ckpt]
+v_cache = not_testable("torch.cuda.empty_cache() every 100 batches prevents the OOM",
+                       f"it frees no allocated byte and the layout it could change needs the seed's GPU "
+                       f"(CUDA here: {torch.cuda.is_available()})").expect(NOT_TESTABLE)
+verdicts = [v_map, v_edge, v_kept, v_largest, v_frag, v_leak, v_batch, v_grad, v_cache]
 print(report(verdicts))
+
+# %% [markdown]
+# **A control that flips a verdict.** "The evaluation's maps were still alive in the failing backward" is
+# refuted by the seed's code, which clears them at the end of the training forward. The same check on the model
+# that keeps them through the training step (`KeepsEvalMaps`, predicted above) comes out the other way:
+
+# %%
+v_kept_perturbed = judge(v_kept.claim, round((p_keeps.train_after_eval["backward"].peak_bytes
+                                              - p_keeps.train["backward"].peak_bytes) / MiB),
+                         ROUNDING_MIB, quantity="MiB the first backward after an evaluation adds")
+print(flip(v_kept, v_kept_perturbed, "a model that keeps its evaluation maps in training"))
 
 # %% [markdown]
 # ## Against the seed's numbers
 #
-# | the seed's log | this notebook |
+# | the seed's log | this notebook (the seed's code, predicted) |
 # |---|---|
 # | "Tried to allocate 226.00 MiB" | one fp32 PWCA map of ViT-B/16, 448 px, batch 4 = 225.7 MiB, rounded to 2 MiB |
-# | 14.12 GiB allocated (+ 226 MiB asked) | seed's design, first step after an evaluation: 13.7 GiB predicted (mid-epoch 12.4) |
-# | OOM at the first step after evaluation 3 | that step is the largest by the kept evaluation maps (1.32 GiB) |
-# | 1.25 GiB reserved but unallocated | fragmentation: the documented remedy is `expandable_segments` |
-# | fix: batch 2 × 8 | worst step 8.5 GiB predicted: fits; the same gradient only in expectation with PWCA |
-# | fix: `empty_cache()` | not measurable without a GPU; documented not to add memory for PyTorch |
+# | "Model initialized with 93.65M parameters" | `PredecessorDCAL`: 93.65M |
+# | 14.12 GiB allocated + 226 MiB asked = 14.34 GiB | the ordinary step: 14.38 GiB at its backward, every step |
+# | 1.25 GiB reserved but unallocated, 0.30 GiB context | usable 15.59 GiB; 14.38 + 1.25 = 15.63 does not fit |
+# | OOM at the first step after evaluation 3, in backward | that step's forward is the run's largest (14.93 GiB, the last evaluation batch's maps alive); its backward is the ordinary one |
+# | "memory accumulation" | not needed; ≤ 46 KiB per micro-batch or ≤ 0.33 GiB per evaluation |
+# | fix: batch 2 × 8 | worst step ≤ 8.75 GiB: fits with the fragmentation; the same gradient only in expectation with PWCA |
+# | fix: `empty_cache()` | frees no allocated byte; not measurable without the GPU |
 
 # %%
 print(f"request: log {oom['tried_to_allocate_mib']:.0f} MiB, arithmetic {rounded / MiB:.0f} MiB")
-print(f"first step after evaluation: log ≥ {needed:.2f} GiB; predicted {seed_after / GiB:.2f} GiB "
-      f"(mid-epoch {seed_mid / GiB:.2f}); at 2 × 8 {seed_b2.train_after_eval_peak_bytes / GiB:.2f} GiB; "
-      f"dcal {case['ours'].peak_bytes / GiB:.2f} GiB")
+print(f"the seed's step: ordinary {P:.2f} GiB, first step after an evaluation {P_after:.2f} GiB (forward), "
+      f"evaluation {p_keeps.eval_peak_bytes / GiB:.2f} GiB; the log: ≥ {needed:.2f} GiB needed, {usable:.2f} GiB usable")
+print(f"batch 2 × 8: worst step ≤ {worst_b2:.2f} GiB")
 
 # %% [markdown]
+# ## In your own run
+#
+# - **Read the OOM message before blaming a leak.** "X GiB is allocated by PyTorch" + "Tried to allocate Y" is
+#   what the failing step needed at least; "Z GiB is reserved by PyTorch but unallocated" is fragmentation:
+#   memory the cache holds in blocks that cannot serve the request. If Z is large next to Y, the step was at the
+#   edge and the layout tipped it over; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (set before CUDA
+#   initialises) lets the allocator grow segments instead of leaving unusable gaps, the documented remedy.
+# - **Predict your step before you run it**, with the same call this notebook used on the seed's model:
+#   `diagnostics.predict_step_memory(model, inputs, loss_fn=..., optimizer=..., amp_dtype=torch.float16,
+#   eval_inputs=...)` on your own `nn.Module` (built under `torch.device("meta")`: no weights needed). It gives the
+#   training step, the evaluation step and the first training step after it, with what is alive at each peak.
+#   For `dcal`'s model, `dcal memory --preset NAME --precision fp16 --gpu-memory 16`, or for any timm backbone
+#   `dcal memory --model vit_base_patch16_224 --img-size 448 --batch-size 4 --precision fp16 --gpu-memory 16`,
+#   answers whether it fits, with what the card must hold beside the tensors (CUDA context, workspaces, the
+#   allocator's segments and fragmentation), and the largest micro-batch that does.
+# - **Compare the prediction with the card**: keep the peak plus your fragmentation well under capacity minus the
+#   CUDA context; a step within ~10 % of it will fail when an evaluation or a new input size reshuffles the cache.
+# - **What to change**, largest effect first: attention that keeps no score map (PyTorch's
+#   `scaled_dot_product_attention`, as `dcal.layers` does) — the score maps, their fp16 copies and their dropout
+#   masks were about 9 GiB of the seed's 14.4; nothing kept on the module between evaluation and training; a smaller micro-batch (mind PWCA's
+#   pairing above); gradient checkpointing on the path that actually runs. For a real leak: keep no tensor that
+#   holds a graph (`loss.item()`), and watch memory per step with `diagnostics.MemoryCallback` /
+#   `diagnostics.LeakDetector`.
+#
 # ## Summary
 #
-# - The seed's OOM asked for one fp32 PWCA score map (226 MiB) at the first training step after its third
-#   evaluation, with 14.12 GiB allocated. Predicted for the seed's design, that step is the run's largest
-#   (13.7 GiB): the maps its evaluation kept on the module are still alive; measured on a CPU, the step after an
-#   evaluation grows by exactly those maps.
-# - "Memory accumulation" was not needed and not shown: the log has no per-step memory, and it leaves any
-#   growth under 30 KiB per micro-batch. A real leak (planted here as an illustration) grows by a constant amount
-#   per step, and `LeakDetector` flags it.
-# - Batch 2 × 8 lowers the worst step to 8.5 GiB and would have fit; with PWCA it trains on the large batch's
-#   gradient only in expectation over pairings. `empty_cache()` could not be measured here (no GPU) and is
-#   documented not to add memory for PyTorch. Gradient checkpointing halves `dcal`'s step.
+# - The seed's OOM asked for one fp32 PWCA score map's gradient (226 MiB) in a backward with 14.12 GiB allocated.
+#   Rebuilt from its code (93.65M parameters, as its log says) and predicted with `predict_step_memory`, the
+#   seed's *ordinary* training step needs 14.38 GiB — more than that — and the GPU had 15.59 GiB for tensors: every
+#   step of the run was within 1.21 GiB of the limit, and the OOM's 1.25 GiB of fragmentation is enough to fail it.
+# - The evaluation's maps were not alive in the failing backward (the seed clears them at the end of the training
+#   forward); they make the forward of the first step after an evaluation the run's largest (14.93 GiB), the
+#   one step that changes the allocator's layout. Which evaluation leaves the cache too fragmented is not
+#   predictable from sizes; the log's evaluations 1 and 2 did not.
+# - "Memory accumulation" is not needed and not shown: the log allows at most 46 KiB per micro-batch or
+#   0.33 GiB per evaluation. Batch 2 × 8 makes every step smaller and fits with the fragmentation; with PWCA it
+#   trains on the large batch's gradient only in expectation over pairings. `empty_cache()` frees no allocated
+#   memory and could not be measured here.
