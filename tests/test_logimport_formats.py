@@ -160,3 +160,16 @@ def test_a_per_epoch_step_counter_is_not_the_planned_length(tmp_path):
     lines = [f"epoch {e} step {s}/50 loss: {1.0 / (e + s):.3f}" for e in range(1, 3) for s in (10, 50)]
     log = import_log(_write(tmp_path, "log.txt", "\n".join(lines)))
     assert "planned_steps" not in log.source.settings
+
+
+def test_openmmlab_evaluator_keys_are_validation_in_any_reader(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "accuracy/top1": 10.0 * s}) for s in range(1, 4)]
+    log = import_log(_write(tmp_path, "metrics.jsonl", "\n".join(lines)))
+    assert "val_acc" in log.evals and "train_acc" not in log.steps
+
+
+def test_one_json_document_that_is_not_a_trainer_state_says_so(tmp_path):
+    from diagnostics import LogImportError
+
+    with pytest.raises(LogImportError, match="one JSON document"):
+        import_log(_write(tmp_path, "results.json", '{\n  "accuracy": 0.9\n}\n'))

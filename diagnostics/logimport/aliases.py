@@ -93,6 +93,9 @@ EVAL_NAMES = (("val_acc", "val_acc_top5", "val_loss", "acc_fused")
               + tuple(f"acc_{b}" for b in BRANCHES) + tuple(f"val_loss_{b}" for b in BRANCHES))
 CANONICAL_NAMES = STEP_NAMES + EVAL_NAMES
 
+# OpenMMLab evaluators' metric keys: written by validation (and test) only, so validation when no split is named.
+EVALUATOR_KEYS = ("accuracy top1", "accuracy top5", "single label accuracy top1", "multi label precision")
+
 # Names that are the validation accuracy only by inference: a log that writes a single validation "metric"
 # or "score" (``Val Metric: 59.32``, as the predecessor's trainer did) usually means its accuracy. Read as
 # val_acc only with a validation split word, and `is_guess` lets the importer say it guessed.
@@ -162,6 +165,8 @@ def _resolve(label: str, default_split: str | None, mapping: tuple) -> Label | N
     if not words:
         return None
     split, rest = _split(words)
+    if split is None and default_split is None and "/" in label and " ".join(rest) in EVALUATOR_KEYS:
+        split = "val"  # mmpretrain's evaluator keys (accuracy/top1): only validation writes them
     percent = len(rest) > 1 and rest[-1] in PERCENT_WORDS
     scale = UNIT_WORDS.get(rest[-1], 1.0) if len(rest) > 1 and not percent else 1.0
     if percent or scale != 1.0 or (len(rest) > 1 and rest[-1] in UNIT_WORDS):

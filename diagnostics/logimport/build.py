@@ -184,7 +184,9 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
             f"{path}: no metric could be read as a {r.format or fmt} log ({r.lines} {r.unit}s; labels seen but not "
             f"recognised: {seen}"
             + (f"; could not read: line {r.problems[0][0]}: {r.problems[0][1]}" if r.problems else "")
-            + "). Name them with --map CANONICAL=NAME (Python: mapping=), or pick the format with --format")
+            + ")" + (". Name them with --map CANONICAL=NAME (Python: mapping=), or pick the format with --format"
+                     if r.unrecognised else ": the log holds no metric (no training happened in it, or it was "
+                     "written in a shape no reader knows: pick the format with --format)"))
     steps, evals = frames_from_records(records)
     if unit == "record":
         notes.append("no epoch or step marker in the log: records are numbered in the order they appear")

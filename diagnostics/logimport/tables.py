@@ -121,6 +121,14 @@ def read_json_rows(path: Path, lines: list[str], mapping: dict | None) -> Readin
             problems.append((i, f"a JSON {type(obj).__name__}, not an object"))
             continue
         rows.append((i, _flatten(obj)))
+    if not rows and problems:
+        try:
+            whole = json.loads("\n".join(lines))
+        except json.JSONDecodeError:
+            whole = None
+        if whole is not None:
+            raise ValueError(f"{path}: one JSON document (a JSON {type(whole).__name__}), not JSON lines of metric "
+                             "records, and not a Hugging Face trainer_state.json (it has no 'log_history' list)")
     r = rows_to_reading(rows, "line", mapping)
     r.lines = len(lines)
     r.problems = problems + r.problems
