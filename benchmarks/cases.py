@@ -5,12 +5,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import dcal
 from dcal.flops import count_flops
 from dcal.layers import attention_rollout
+from dcal.loss import BRANCHES, branch_losses
 
 __all__ = ["Case", "CASES", "TrainStep", "make_train_step", "flops_of", "full_product_rollout", "random_maps"]
 
@@ -66,9 +66,7 @@ class TrainStep:
     last: dict | None = None
 
     def losses(self) -> dict[str, Tensor]:
-        out = self.model(self.x)
-        logits = {"sa": out.sa_logits, "glca": out.glca_logits, "pwca": out.pwca_logits}
-        return {k: F.cross_entropy(v, self.y) for k, v in logits.items() if v is not None}
+        return _named_losses(self.model(self.x), self.y)
 
     def forward_backward(self) -> dict[str, Tensor]:
         branch = self.losses()
@@ -88,8 +86,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         trainer.outputs = out = self.model(self.x)
         callback.after_forward(trainer)
-        logits = {"sa": out.sa_logits, "glca": out.glca_logits, "pwca": out.pwca_logits}
-        trainer.branch_losses = {k: F.cross_entropy(v, self.y) for k, v in logits.items() if v is not None}
+        trainer.branch_losses = _named_losses(out, self.y)
         trainer.loss = self.loss_fn(list(trainer.branch_losses.values()))
         callback.after_loss(trainer)
         trainer.loss.backward()
@@ -109,6 +106,12 @@ class TrainStep:
         for state in self.optimizer.state.values():
             ts += [v for v in state.values() if isinstance(v, Tensor)]
         return ts
+
+
+def _named_losses(out: dcal.DCALOutput, y: Tensor) -> dict[str, Tensor]:
+    """`dcal.loss.branch_losses` of the branches present in `out`, by name."""
+    names = [b for b in BRANCHES if getattr(out, f"{b}_logits") is not None]
+    return dict(zip(names, branch_losses(out, y, names), strict=True))
 
 
 def make_train_step(case: Case, device: torch.device, dcal_branches: bool, **kw) -> TrainStep:
