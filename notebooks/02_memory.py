@@ -147,15 +147,16 @@ assert rounded / MiB == oom["tried_to_allocate_mib"]
 #   (`attn_dropout`), then the projection (`proj_dropout`) and the MLP twice (after GELU, after the second
 #   linear). On a GPU `nn.Dropout` keeps a 1-byte bool mask per element for backward; at ViT-B/448, batch 4, the
 #   masks on the attention maps alone are 1.3 GiB.
-# - **The training forward** (`models/dual_vit.py`, `DualCrossAttentionViT.forward`, the path that prints
-#   "Standard forward without checkpointing"): per block, SA on image 1 (its map appended to the rollout
-#   history), SA on image 2 (the paired image evolves through every block to give PWCA its keys and values),
-#   then PWCA with image 1's queries over both images' keys: a (B, H, N, 2N) map. Then one GLCA block with its
-#   own projections (queries: CLS and the top 10 % patches by rollout, over all N keys) and its MLP on all tokens.
+# - **The training forward** (`models/dual_vit.py`, `DualCrossAttentionViT.forward`, the path commented "Standard
+#   forward without checkpointing", which SEED_EVIDENCE.md finds is the one that ran): per block, SA on image 1
+#   (its map appended to the rollout history), SA on image 2 (the paired image evolves through every block to give
+#   PWCA its keys and values), then PWCA with image 1's queries over both images' keys: a (B, H, N, 2N) map. Then
+#   one GLCA block with its own projections (queries: CLS and the top 10 % patches by rollout, over all N keys)
+#   and its MLP on all tokens.
 # - **What the model keeps**: at the end of every forward, `self.attention_maps` is set: to the 12 SA maps in
-#   evaluation, to `{}` in training (`dual_vit.py`, the end of `forward`, ≈ lines 435–441). The evaluation's maps
-#   therefore live through the next training **forward** and are freed at its end, **before the backward** in
-#   which the OOM was raised.
+#   evaluation, to `{}` in training (`dual_vit.py`, the end of `forward`; ≈ lines 435–441 per the review). The
+#   evaluation's maps therefore live through the next training **forward** and are freed at its end, **before the
+#   backward** in which the OOM was raised.
 # - **The trainer** (`train.py`): FP16 autocast around forward and loss, `GradScaler`, `torch.optim.Adam` over the
 #   model's and the loss's parameters; evaluation under `torch.no_grad()` in batches of 4 — the log's "1449/1449"
 #   is ⌈5,794 / 4⌉, so the last evaluation batch holds 2 images, and those are the maps left on the module.
@@ -202,6 +203,10 @@ thresholds.round(2)
 # the second call runs the same training steps and an evaluation batch of 4 (the evaluation's peak) on a model
 # that differs only in keeping its evaluation maps through training (this notebook's earlier reading of the
 # seed: the control of the verdicts below). Their ordinary training steps must agree (to one 512-byte block).
+# The prediction's evaluation runs under the same FP16 autocast as training; the seed's trainer (as stored)
+# evaluates without autocast. The maps left on the module are fp32 either way (CUDA autocast's softmax is
+# fp32), so the steps that matter here do not change; the evaluation's own peak would be higher in fp32 than the
+# 2.74 GiB shown, and stays far below any training step.
 
 # %%
 class KeepsEvalMaps(PredecessorDCAL):
@@ -341,9 +346,9 @@ print(f"growth per micro-batch ≤ {g_max / KiB:.0f} KiB; per evaluation ≤ {e_
 assert g_max < 1e-4 * graph_kept
 
 # %% [markdown]
-# A leaked graph would have failed the second step. Any growth the log allows is under 46 KiB per micro-batch, or a third of a GiB per
-# evaluation — and the failure needs none: the ordinary step already needs more than the failing step had asked
-# for.
+# A leaked graph would have failed the second step. Any growth the log allows is under 46 KiB per micro-batch,
+# or a third of a GiB per evaluation — and the failure needs none: the ordinary step already needs more than the
+# failing step had asked for.
 #
 # ## The seed's fix, measured
 #
@@ -558,10 +563,10 @@ print(f"batch 2 × 8: worst step ≤ {worst_b2:.2f} GiB")
 #   CUDA context; a step within ~10 % of it will fail when an evaluation or a new input size reshuffles the cache.
 # - **What to change**, largest effect first: attention that keeps no score map (PyTorch's
 #   `scaled_dot_product_attention`, as `dcal.layers` does) — the score maps, their fp16 copies and their dropout
-#   masks were about 9 GiB of the seed's 14.4; nothing kept on the module between evaluation and training; a smaller micro-batch (mind PWCA's
-#   pairing above); gradient checkpointing on the path that actually runs. For a real leak: keep no tensor that
-#   holds a graph (`loss.item()`), and watch memory per step with `diagnostics.MemoryCallback` /
-#   `diagnostics.LeakDetector`.
+#   masks were about 9 GiB of the seed's 14.4; nothing kept on the module between evaluation and training; a
+#   smaller micro-batch (mind PWCA's pairing above); gradient checkpointing on the path that actually runs. For a
+#   real leak: keep no tensor that holds a graph (`loss.item()`), and watch memory per step with
+#   `diagnostics.MemoryCallback` / `diagnostics.LeakDetector`.
 #
 # ## Summary
 #
