@@ -479,6 +479,10 @@ assert pairings["reachable by a 2 + 2 split"].sum() == 3 and loss_all.max() - lo
 # worst step plus the OOM's 1.25 GiB of fragmentation stays under the usable 15.59 GiB; the same gradient means
 # ‖Δg‖/‖g‖ < 1e-5. The prediction leaves out terms that only add to a step (cuBLAS workspaces, the GradScaler's
 # scale, `clip_grad_norm_`'s norms: MiB each), so its peaks are lower bounds of what the seed's allocator counted.
+# Two verdicts sit near their thresholds and say so: the ordinary step exceeds the OOM's 14.34 GiB, and with the
+# 1.25 GiB of fragmentation exceeds the usable 15.59 GiB, by 0.04 GiB each (0.3 %) — as small as a change in how
+# the predictor tracks memory (24 MiB between two of its versions) or a detail of the seed's code read
+# differently. What they establish is that the seed's step ran at the edge of its GPU, not by how much.
 
 # %%
 v_map = judge("226 MiB is one fp32 PWCA score map of ViT-B/16 at 448 px, batch 4",
