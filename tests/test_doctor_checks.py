@@ -116,6 +116,9 @@ def test_chance_level_on_accuracy():
     assert "chance-level" not in found(run(loss=falling(20, 1.6, 1.0), val_acc=np.full(20, 1.6 / C), C=C))
     f = found(run(loss=falling(20, 1.6, 1.0), train_acc=np.full(20, 0.15), C=C))["chance-level"]  # train accuracy
     assert f.evidence["acc_max"] == {"train_acc": 0.15}
+    # … only without a validation accuracy: mixup's training accuracy (mixed targets) sits low in a healthy run
+    mixup = run(loss=falling(20, 0.69, 0.45), train_acc=np.full(20, 0.70), val_acc=rising_acc(20, 0.9), C=2)
+    assert "chance-level" not in found(mixup)
 
 
 # --- overfitting

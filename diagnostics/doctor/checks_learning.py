@@ -60,10 +60,13 @@ def check_chance(log: RunLog, C) -> Finding | None:
         return None
     lnC, acc_chance = math.log(C), CHANCE_ACC_FACTOR / C
     losses, accs, above = {}, {}, {}
+    # Training accuracy only when no validation accuracy is logged: under mixup or cutmix it is measured
+    # against mixed targets and sits low in a healthy run (at C = 2, under 1.5/C = 0.75).
+    validated = any(has_values(log.evals, c) for c in ACCURACY_COLUMNS)
     for df, cols in ((log.evals, ACCURACY_COLUMNS), (log.steps, ("train_acc",))):
         for col in cols:
             late = series(df, col, start)[col]
-            if len(late) and float(late.max()) <= acc_chance:
+            if len(late) and float(late.max()) <= acc_chance and (df is log.evals or not validated):
                 accs[col] = float(late.max())
             elif len(late) and float(late.median()) >= 1 / C + CHANCE_ACC_OVERRULES * (1 - 1 / C):
                 above[col] = float(late.median())

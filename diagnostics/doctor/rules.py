@@ -6,8 +6,8 @@ window: the last third of the run, or after the LR warm-up if that ends later.
 
 The rules, by finding code (severity in brackets):
 
-- ``chance-level`` [error]: late in the run, the best validation (or training) accuracy is
-  ≤ CHANCE_ACC_FACTOR/C; or the median of a training loss (a plain ``loss``, or each of DCAL's branch
+- ``chance-level`` [error]: late in the run, the best validation accuracy (the training accuracy when no
+  validation accuracy is logged) is ≤ CHANCE_ACC_FACTOR/C; or the median of a training loss (a plain ``loss``, or each of DCAL's branch
   losses) over at least CHANCE_MIN_LATE_RECORDS records is ≥ CHANCE_LOSS_FRACTION·ln C (and below
   DIVERGENCE_LNC_FACTOR·ln C, which is ``divergence``), unless a late accuracy overrules it
   (CHANCE_ACC_OVERRULES). A plain loss of a run that logs DCAL's branches is their sum: not read.
