@@ -346,11 +346,11 @@ def test_rollout_explorer_draws_the_distractor_boxes(model, images):
 # ----------------------------------------------------------------------------------------- PWCA from the model
 def _pwca_mass_by_hand(model, x, pair):
     """The old second copy of DCAL's forward (kept here as the reference the model's answer must match)."""
-    from dcal.layers import pwca_block, qkv, sa_block
+    from dcal.layers import embed_tokens, pwca_block, qkv, sa_block
 
     bb = model.backbone
     with dcal.eval_mode(model), torch.no_grad():
-        h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))  # (B, N, C)
+        h = embed_tokens(bb, x)  # (B, N, C)
         h_pw, N, out = h, h.shape[1], []
         for blk in bb.blocks:
             h, k, v, _ = sa_block(blk, h, need_weights=False)
