@@ -171,6 +171,17 @@ def test_chance_level_by_accuracy_alone(tmp_path):
         r["acc_glca"] = 0.12  # 1.2/C, losses healthy
     f = next(f for f in diagnose(write_run(tmp_path / "r", recs)) if f.code == "chance-level")
     assert f.severity == "error" and "GLCA accuracy" in f.message and "glca" in f.evidence["acc_max"]
+    assert "these branches are not learning" in f.message  # a DCAL branch: said so
+
+
+def test_chance_level_on_a_single_model_run_folder(tmp_path):
+    """A run folder of a plain classifier (one loss, one accuracy): the loss at ln C is read, and the message
+    speaks of the model, not of branches."""
+    recs = [{"kind": "step", "step": t, "loss": math.log(C) * (1 + 0.01 * math.sin(t))} for t in range(60)]
+    recs += [{"kind": "eval", "step": t, "val_acc": 0.1, "num_classes": C} for t in range(9, 60, 10)]
+    f = next(f for f in diagnose(write_run(tmp_path / "plain", recs)) if f.code == "chance-level")
+    assert set(f.evidence["loss_median"]) == {"loss"} and f.evidence["acc_max"] == {"val_acc": 0.1}
+    assert "branch" not in f.message and "the model is not learning" in f.message
 
 
 def test_uncertainty_at_chance_at_equilibrium(tmp_path):
