@@ -204,7 +204,8 @@ def test_gpu_script_without_cuda_says_so_and_predicts(tmp_path, capsys, monkeypa
     assert gpu_main(["--predict-only", "--models", "deit_tiny_patch16_224", "--sizes", "224", "--precisions",
                      "fp16", "--batches", "2", "--variants", "sa", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_memory.json").read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["predicted"] > 0 and "| deit_tiny_patch16_224 | sa | 224 |" in capsys.readouterr().out
+    assert len(rows) == 1 and rows[0]["predicted_device"] > rows[0]["predicted"] > 0
+    assert "| deit_tiny_patch16_224 | sa | 224 |" in capsys.readouterr().out
 
 
 # ============================================================================ the user's own step (issue 19)

@@ -3,17 +3,17 @@
 `CategoryTracker` extends `tracker.StorageTracker` with a snapshot of the live storages at each phase's peak,
 the sets that classify them (`CATEGORIES`), the stand-in values for data a step reads back into Python, the
 allocation trace the device-level estimate replays (`device.replay_allocator`), and errors that name the op,
-the module (torch's `ModuleTracker`, forward and backward) and the phase.
+the module (`ModuleStack`) and the phase.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
-from torch.utils.module_tracker import ModuleTracker
 
 from .tracker import StorageTracker
 
-__all__ = ["CategoryTracker", "MetaUnsupportedError", "CATEGORIES", "classify", "idents"]
+__all__ = ["CategoryTracker", "ModuleStack", "MetaUnsupportedError", "CATEGORIES", "classify", "idents"]
 
 # What the bytes live at a peak are, in the order a storage is assigned (the first match wins).
 CATEGORIES = ("parameters", "inputs", "optimizer_state", "gradients", "attention_maps", "activations", "transient")
@@ -25,12 +25,44 @@ class MetaUnsupportedError(RuntimeError):
     tensor that needs a gradient)."""
 
 
-def current_module(modules: ModuleTracker | None) -> str | None:
-    """The innermost module running (forward, or its backward), as ModuleTracker names it (``Root.blocks.0``)."""
-    if modules is None:
-        return None
-    names = [n for n in modules.parents if n != "Global"]
-    return max(names, key=lambda n: n.count(".")) if names else None
+class ModuleStack:
+    """The qualified name (``Root.blocks.0.attn``) of the module whose forward is running: global forward
+    hooks, removed on exit.
+
+    Not torch's `torch.utils.module_tracker.ModuleTracker`, though it names modules the same way and also
+    follows the backward: it registers a multi-grad hook on every module's inputs and outputs and keeps the
+    handles until exit, which kept one more block alive in the demo preset's training step (512 B, seen by
+    comparing the two), and a tracker must not change what it measures. Errors in backward therefore name
+    the phase, not the module.
+    """
+
+    def __init__(self, root: nn.Module):
+        root_name = type(root).__name__
+        self.names = {id(m): f"{root_name}.{n}" if n else root_name for n, m in root.named_modules()}
+        self.stack: list[str] = []
+        self._handles: list = []
+
+    def current(self) -> str | None:
+        return self.stack[-1] if self.stack else None
+
+    def __enter__(self) -> ModuleStack:
+        from torch.nn.modules import module as mod
+
+        def pre(m, args):
+            self.stack.append(self.names.get(id(m), type(m).__name__))
+
+        def post(m, args, out):
+            if self.stack:
+                self.stack.pop()
+
+        self._handles = [mod.register_module_forward_pre_hook(pre),
+                         mod.register_module_forward_hook(post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class CategoryTracker(StorageTracker):
@@ -42,7 +74,7 @@ class CategoryTracker(StorageTracker):
     for the caching-allocator replay of `device.replay_allocator`.
     """
 
-    def __init__(self, device_types: tuple[str, ...], round_to: int, modules: ModuleTracker | None = None,
+    def __init__(self, device_types: tuple[str, ...], round_to: int, modules: ModuleStack | None = None,
                  stand_ins: bool = True):
         super().__init__(device_types, round_to)
         self.stand_ins = stand_ins
@@ -103,7 +135,7 @@ class CategoryTracker(StorageTracker):
         return self.phase_peak, self.snapshot
 
     def where(self) -> str:
-        module = current_module(self.modules)
+        module = self.modules.current() if self.modules is not None else None
         return f"in module {module!r}" if module else "outside any module (e.g. in the loss or the optimiser)"
 
     def _read_scalar(self, t: Tensor):

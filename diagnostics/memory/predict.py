@@ -41,8 +41,8 @@ How the step runs (what is modelled):
   divides by 1 − β^step). Each such read is listed in the result (``data_reads``); any other bool stops with
   `MetaUnsupportedError`.
 - An op without a meta implementation, or whose output shape depends on values (``nonzero``), raises
-  `MetaUnsupportedError` naming the op, the module that ran it (torch's `ModuleTracker`, forward and
-  backward) and the phase.
+  `MetaUnsupportedError` naming the op, the module that ran it (`counting.ModuleStack`; torch's
+  `ModuleTracker` was tried and left: its backward hooks kept a block alive) and the phase.
 """
 from __future__ import annotations
 
@@ -56,9 +56,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.module_tracker import ModuleTracker
 
-from .counting import CATEGORIES, CategoryTracker, MetaUnsupportedError, classify, idents
+from .counting import CATEGORIES, CategoryTracker, MetaUnsupportedError, ModuleStack, classify, idents
 from .sources import MB
 from .step import Batch, CudaAutocast, Step, default_loss, default_optimizer, gpu_code_paths
 
@@ -248,7 +247,7 @@ def _run(model, batch: Batch, eval_batch: Batch | None, loss_fn, optimizer, amp_
             loss_fn = _meta_copy(loss_fn, mode)
     batch = _materialise(batch, mode, fake) if fake else batch
     loss_fn = loss_fn if loss_fn is not None else default_loss
-    modules = ModuleTracker()
+    modules = ModuleStack(model)
     tracker = CategoryTracker(("cpu",), CUDA_BLOCK_BYTES if target == "cuda" else 1, modules, stand_ins=fake)
     cuda = target == "cuda" and fake
 

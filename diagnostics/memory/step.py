@@ -21,20 +21,20 @@ __all__ = ["Batch", "Step", "default_loss", "default_optimizer", "CudaAutocast",
 
 def default_loss(output: Any, *targets: Tensor) -> Tensor:
     """The loss used when none is given: cross-entropy of the logits against ``targets[0]`` (random int64
-    labels when no target is given). For a `dcal.DCALOutput`, the sum over the branches present
-    (`dcal.loss.branch_losses` where it exists: what `dcal.UncertaintyLoss` weighs, its scalars aside); for
-    a (B, C) tensor, its own; for a tuple, its first element's."""
-    logits = [getattr(output, f"{b}_logits") for b in ("sa", "glca", "pwca")] if hasattr(output, "sa_logits") else None
-    if logits is None:
-        first = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(first, Tensor) or first.dim() != 2:
-            raise TypeError(f"predict_step_memory: the default loss needs (B, C) logits or a DCALOutput, got "
-                            f"{type(output).__name__}; pass loss_fn")
-        logits = [first]
-    present = [z for z in logits if z is not None]
-    y = targets[0] if targets else torch.randint(0, present[0].shape[1], (present[0].shape[0],),
-                                                 device=present[0].device)
-    return sum(F.cross_entropy(z.float(), y) for z in present)
+    labels when no target is given). For a `dcal.DCALOutput`, the sum of `dcal.loss.branch_losses` over the
+    branches present (what `dcal.UncertaintyLoss` weighs, its scalars aside); for a (B, C) tensor, its own;
+    for a tuple, its first element's."""
+    dcal_output = hasattr(output, "sa_logits")
+    first = output.sa_logits if dcal_output else output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(first, Tensor) or first.dim() != 2:
+        raise TypeError(f"predict_step_memory: the default loss needs (B, C) logits or a DCALOutput, got "
+                        f"{type(output).__name__}; pass loss_fn")
+    y = targets[0] if targets else torch.randint(0, first.shape[1], (first.shape[0],), device=first.device)
+    if dcal_output:
+        from dcal.loss import branch_losses
+
+        return sum(branch_losses(output, y))
+    return F.cross_entropy(first.float(), y)
 
 
 def default_optimizer(model: nn.Module, loss_fn: Any) -> torch.optim.Optimizer:
