@@ -173,3 +173,21 @@ def test_one_json_document_that_is_not_a_trainer_state_says_so(tmp_path):
 
     with pytest.raises(LogImportError, match="one JSON document"):
         import_log(_write(tmp_path, "results.json", '{\n  "accuracy": 0.9\n}\n'))
+
+
+def test_hf_trainer_state_on_one_line(tmp_path):
+    state = {"log_history": [{"loss": 0.5, "step": 10}, {"eval_accuracy": 0.8, "step": 10}], "max_steps": 10}
+    p = _write(tmp_path, "trainer_state.json", json.dumps(state))
+    assert detect_format(p) == "hf-trainer-state" and import_log(p).evals["val_acc"].tolist() == [0.8]
+
+
+def test_mmcv_0x_text_log(tmp_path):
+    lines = ["2021-03-01 10:00:00,000 - mmcls - INFO - Epoch [1][10/20]\tlr: 1.000e-01, eta: 0:01:00, time: 0.1, "
+             "data_time: 0.01, memory: 1000, loss: 2.1000",
+             "2021-03-01 10:00:10,000 - mmcls - INFO - Epoch [1][20/20]\tlr: 1.000e-01, eta: 0:00:50, time: 0.1, "
+             "data_time: 0.01, memory: 1000, loss: 1.9000",
+             "2021-03-01 10:00:20,000 - mmcls - INFO - Epoch(val) [1][5]\taccuracy_top-1: 62.5000, accuracy_top-5: 98.0000"]
+    log = import_log(_write(tmp_path, "20210301_100000.log", "\n".join(lines)))
+    assert log.source.format == "mmengine-text"
+    assert log.steps["loss"].tolist() == [2.1, 1.9] and log.evals["val_acc"].tolist() == [0.625]
+    assert log.evals["step"].tolist() == [20]

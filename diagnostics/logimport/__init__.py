@@ -138,6 +138,8 @@ def detect_format(path: str | Path) -> str:
         if _is_run_jsonl(lines):
             return "run"
         obj = _first_object(lines)
+        if obj is not None and isinstance(obj.get("log_history"), list):  # a trainer_state.json on one line
+            return "hf-trainer-state"
         if obj is not None and is_deit_record(obj):
             return "deit-log"
         if obj is not None and is_mmengine_scalars(obj):

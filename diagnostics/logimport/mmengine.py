@@ -29,7 +29,7 @@ _EPOCH_LINE = re.compile(r"Epoch(?:\((?P<mode>train|val|test)\))?\s*\[(?P<e>\d+)
                          r"(?P<rest>.*)$")
 _ITER_LINE = re.compile(r"Iter\((?P<mode>train|val|test)\)\s*\[\s*(?P<i>\d+)\s*/\s*(?P<n>\d+)\](?P<rest>.*)$")
 _PAIR = re.compile(r"(?P<name>[A-Za-z_][\w/.\-]*):\s*(?P<value>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
-                   r"(?=\s|$)")
+                   r"(?=[\s,]|$)")  # mmcv 0.x separates its pairs with ", "
 _CONFIG = re.compile(r"\b(?P<name>max_epochs|max_iters|num_classes)\s*=\s*(?P<value>\d+)")
 TIMINGS = ("time", "data_time", "eta")
 _PERCENT = ("accuracy/top1", "accuracy/top5", "accuracy_top-1", "accuracy_top-5")
