@@ -177,6 +177,8 @@ def _resolve(label: str, default_split: str | None, mapping: tuple) -> Label | N
             out = _final(base, split or default_split or "train")
             if scale != 1.0 and not base.startswith("mem_"):
                 return None  # a unit word on something that is not memory: not this metric
+            if out.name not in CANONICAL_NAMES:
+                return None  # "memory" or "lr" on a validation line (mmengine's Epoch(val)): no such record
             return Label(out.name, out.eval, percent, scale)
     if split == "val" and scale == 1.0 and any(p.match(text) for p, _ in _GUESSED):
         return Label("val_acc", True, percent)

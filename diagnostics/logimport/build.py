@@ -110,6 +110,7 @@ def _end(r: Reading) -> tuple[RunEnd | None, list[str]]:
     if r.completed_line is not None and not [c for c in late if c[0] > r.completed_line]:
         epochs = [k[1] for k in r.records if k[1] is not None]
         steps = [k[2] for k in r.records if k[2] is not None and k[2] >= 0]
+        steps += [n for _, kind, n in r.markers if kind == "step"]  # HF's final summary names the last step
         return RunEnd(status="completed", epoch=max(epochs, default=None), line=r.completed_line,
                       step=max(steps, default=None) if r.has_step_markers else None), notes
     if not late:

@@ -43,13 +43,15 @@ def read_hf_trainer_state(path: Path, text: str, mapping: dict | None) -> Readin
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise ValueError(f"{path}: no 'log_history' list: not a Hugging Face trainer_state.json")
-    rows, problems, completed, skipped = [], [], None, set()
+    rows, problems, completed, skipped, markers = [], [], None, set(), []
     for i, rec in enumerate(history, start=1):
         if not isinstance(rec, dict):
             problems.append((i, f"log_history record {i} is a {type(rec).__name__}, not an object"))
             continue
         if "train_runtime" in rec:  # the end-of-train() summary: its train_loss is the run's mean
             completed = i
+            if isinstance(rec.get("step"), int):
+                markers.append((i, "step", rec["step"]))
             continue
         row = {}
         for k, v in rec.items():
@@ -60,6 +62,7 @@ def read_hf_trainer_state(path: Path, text: str, mapping: dict | None) -> Readin
         rows.append((i, row))
     r = rows_to_reading(rows, "record", mapping)
     r.lines, r.format, r.completed_line = len(history), "hf-trainer-state", completed
+    r.markers += markers
     r.problems = problems + r.problems
     for key, name in (("max_steps", "planned_steps"), ("num_train_epochs", "planned_epochs")):
         if isinstance(state.get(key), (int, float)) and not isinstance(state.get(key), bool) and state[key] > 0:
