@@ -195,6 +195,11 @@ def to_runlog(r: Reading, path: Path, fmt: str, *, num_classes: int | None = Non
     settings = {k: v[0] for k, v in r.settings.items()}
     source = LogSource(format=r.format or fmt, path=path, lines=r.lines, recognised=dict(r.recognised),
                        unrecognised=dict(r.unrecognised), problems=list(r.problems), notes=notes, settings=settings)
+    if r.problems:
+        lines = sorted({ln for ln, _ in r.problems if ln is not None})
+        source.notes.append(f"{len(r.problems)} values or {r.unit}s could not be read"
+                            + (f" ({r.unit}s {', '.join(map(str, lines[:8]))}{', ...' if len(lines) > 8 else ''})"
+                               if lines else "") + "; each is listed with why")
     if r.prose_lines:
         source.notes.append(f"{r.prose_lines} {r.unit}s held no value that was read (prose, or only labels not "
                             "recognised)")
