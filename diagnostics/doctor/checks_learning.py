@@ -6,6 +6,7 @@ import math
 import numbers
 
 import numpy as np
+import pandas as pd
 
 from dcal.schedule import global_batch_size, lr_for_rule
 
@@ -207,7 +208,9 @@ def check_collapse(log: RunLog, C) -> Finding | None:
     for col in ACCURACY_COLUMNS:
         if not has_values(ev, col):
             continue
-        s = ev.loc[np.isfinite(ev[col]), ["step", col]]
+        s = ev.loc[np.isfinite(ev[col]) & np.isfinite(pd.to_numeric(ev["step"], errors="coerce")), ["step", col]]
+        if s.empty:
+            continue
         a = s[col].to_numpy()
         i_best = int(np.argmax(a))
         best = float(a[i_best])

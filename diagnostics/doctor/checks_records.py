@@ -73,8 +73,8 @@ def _short_of_plan(log: RunLog) -> dict | None:
             return {"planned_epochs": epochs, "planned": epochs, "reached": reached, "counted_from": counted_from}
     if isinstance(steps, numbers.Number) and steps > 0 and log.step_unit == "step" and (span := _last(log, "step")):
         reached = span[1]
-        all_steps = np.unique(np.concatenate([df["step"].to_numpy(dtype=float) for df in (log.steps, log.evals)
-                                              if "step" in df.columns and len(df)]))
+        all_steps = np.unique(np.concatenate([pd.to_numeric(df["step"], errors="coerce").dropna().to_numpy(dtype=float)
+                                              for df in (log.steps, log.evals) if "step" in df.columns and len(df)]))
         interval = float(np.median(np.diff(all_steps))) if len(all_steps) > 1 else 0.0
         if steps - reached > max(interval, TRUNCATED_STEP_FRACTION * steps):
             return {"planned_steps": steps, "planned": steps, "reached": reached, "logging_interval": interval}
@@ -118,7 +118,8 @@ def _nonfinite_columns(log: RunLog) -> dict:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 name = col if source == "step" else f"eval/{col}"
-                hits[name] = {"first_step": int(df["step"].iloc[i]), "count": int(bad.sum()),
+                step = pd.to_numeric(df["step"], errors="coerce").iloc[i]
+                hits[name] = {"first_step": int(step) if np.isfinite(step) else i, "count": int(bad.sum()),
                               "first_value": values[i] if not np.isnan(values[i]) else "null/nan"}
     return hits
 

@@ -76,7 +76,7 @@ def _loss_overfit(log: RunLog, C) -> dict | None:
         return None  # held-out accuracy still climbs: over-confidence, and stopping at the minimum would cost it
     return {"rule": "validation loss rising", "train_loss_column": losses[0], "val_loss_min": low,
             "val_loss_min_step": min_step, "val_loss_end": end, "val_loss_first": first, "val_loss_last_step": last_step,
-            "rise": rise, "rise_fraction": end / low - 1, "scale": scale, "scale_is": "ln C" if C else "first val_loss",
+            "rise": rise, "rise_fraction": end / low - 1 if low > 0 else math.inf, "scale": scale, "scale_is": "ln C" if C else "first val_loss",
             "train_loss_at_min": t_at, "train_loss_end": t_end, "evals_after_min": len(after) - 1,
             "val_acc_at_min": acc_at, "val_acc_end": acc_end}
 

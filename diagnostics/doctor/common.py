@@ -129,7 +129,7 @@ def loss_label(col: str) -> str:
 def series(df: pd.DataFrame, col: str, start: float | None = None) -> pd.DataFrame:
     """``step`` and `col` where `col` is finite (from `start` on, when given), in step order."""
     if col not in df.columns or "step" not in df.columns:
-        return pd.DataFrame(columns=["step", col])
+        return pd.DataFrame({"step": pd.Series(dtype=float), col: pd.Series(dtype=float)})
     d = df[["step", col]].apply(pd.to_numeric, errors="coerce").dropna()
     d = d[np.isfinite(d[col].to_numpy(dtype=float))]
     if start is not None:
