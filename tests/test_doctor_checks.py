@@ -297,7 +297,7 @@ def test_logs_under_tests_data(name):
 def test_the_data_logs_cover_every_new_check_and_healthy_runs():
     assert EXPECTED, f"{DATA / 'EXPECTED.json'} is missing"
     covered = {code for e in EXPECTED.values() for code in e["must"]}
-    assert {"chance-level", "overfitting", "accuracy-regression", "divergence", "unstable"} <= covered
+    assert {"chance-level", "overfitting", "accuracy-regression", "divergence", "unstable", "truncated-log"} <= covered
     assert sum(bool(e.get("healthy")) for e in EXPECTED.values()) >= 2
 
 

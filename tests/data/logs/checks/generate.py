@@ -31,6 +31,15 @@ def keras_csv(name, **cols):
     (HERE / name).write_text("\n".join(rows) + "\n")
 
 
+def keras_stdout(name, rows, planned, tail=()):
+    """Keras 3 `fit` output: an `Epoch e/planned` line, then the epoch's progress line with its metrics."""
+    lines = []
+    for e, (loss, acc, val_loss, val_acc) in enumerate(rows, 1):
+        lines += [f"Epoch {e}/{planned}", f"125/125 ━━━━━━━━━━━━━━━━━━━━ 12s 95ms/step - accuracy: {acc:.4f} - loss: "
+                  f"{loss:.4f} - val_accuracy: {val_acc:.4f} - val_loss: {val_loss:.4f} - learning_rate: 0.0010"]
+    (HERE / name).write_text("\n".join([*lines, *tail]) + "\n")
+
+
 def jsonl(name, records):
     (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -68,6 +77,12 @@ def main():
     swing = np.sign(np.sin(np.arange(n) * 2.1)) * (0.5 + rng.random(n))
     keras_csv("keras-oscillating-c2.csv", accuracy=0.55 + 0.04 * swing, loss=0.92 + 0.08 * swing,
               val_accuracy=0.56 + 0.08 * swing, val_loss=0.9 + 0.09 * swing)
+    # mmengine isic2018 / TransFG CUB: the log states 10 epochs and stops after 3, with no message …
+    rows = [(1.52, 0.45, 1.31, 0.52), (1.10, 0.61, 1.05, 0.63), (0.85, 0.71, 0.92, 0.68), (0.70, 0.76, 0.95, 0.67)]
+    keras_stdout("keras-stdout-stopped-c5.txt", rows[:3], 10)
+    # … and road-surface: early stopping after 4 of 10 epochs says so, and the run is complete
+    keras_stdout("keras-stdout-early-stopping-c5.txt", rows, 10,
+                 ["Epoch 4: early stopping", "Restoring model weights from the end of the best epoch: 3."])
     # DeiT: 77.8 % at epoch ~200, 60.5 % after it, ends at 65 %; and the same run without the break
     n, at = 300, 200
     acc = np.r_[np.linspace(0.005, 0.778, at), np.linspace(0.605, 0.65, n - at)] + 0.002 * rng.standard_normal(n)
