@@ -5,9 +5,10 @@
   dcal make-dataset --format cub --out DIR [--seed N] [--set synthetic.key=value ...]
   dcal pretrain [--out DIR]       the project's own small backbone (dcal/assets)
   dcal demo [--out DIR]           fine-tune the demo preset, print the numbers, write the doctor's report
-  dcal doctor PATH [--format auto|run|jsonl|csv|tensorboard|text] [--num-classes C]
+  dcal doctor PATH [--format FORMAT] [--num-classes C]
               [--map CANONICAL=NAME ...] [--steps-per-epoch N] [--backbone B --img-size N --batch-size N]
-              [--json] [--html FILE]   a run folder or any training log (text, CSV, JSON lines, TensorBoard)
+              [--json] [--html FILE]   a run folder or any training log (HF, Lightning, timm, DeiT, OpenMMLab,
+              Keras, notebook output, TensorBoard, text, CSV, JSON lines); `dcal doctor -h`: formats, exit codes
   dcal memory --preset NAME [--set key=value ...] [--precision fp32|fp16|bf16] [--gpu-memory GiB] [--json]
   dcal memory --model TIMM_NAME --img-size PX --batch-size B [--num-classes C] [--dcal|--no-dcal]
               [--optimizer adamw|adam|sgd] [--grad-accum N] [--checkpointing] [--precision ...] [--gpu-memory GiB]
