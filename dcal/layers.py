@@ -5,10 +5,6 @@ SA, GLCA and PWCA differ only in which queries meet which keys.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +15,6 @@ from .errors import ConfigError, RolloutError
 __all__ = [
     "check_block",
     "embed_tokens",
-    "untiled_attention",
     "qkv",
     "attention_output",
     "head_mean_attention",
@@ -87,21 +82,6 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # `DCAL.attention_tiling`, passed down as `tiling` (off: one pass on CPU too, as a GPU runs it).
 _TILE_BYTES = 2 << 20
 _UNTILED_MAX_BYTES = 8 << 20
-
-
-@contextlib.contextmanager
-def untiled_attention() -> Iterator[None]:
-    """Within the block, CPU computes the attention weights in one pass, as a GPU does (no tiling).
-
-    Deprecated: set `DCAL.attention_tiling = False` on the model instead (kept until
-    `diagnostics.memory.predict` has moved to it).
-    """
-    global _UNTILED_MAX_BYTES
-    saved, _UNTILED_MAX_BYTES = _UNTILED_MAX_BYTES, math.inf
-    try:
-        yield
-    finally:
-        _UNTILED_MAX_BYTES = saved
 
 
 def _tile_rows(q: Tensor, keys: int | None = None, tiling: bool = True) -> int:
