@@ -10,7 +10,8 @@ device-level figure (`diagnostics.memory.device_memory`: + allocator segments, f
 cuBLAS workspaces, CUDA context). It then measures the same step on the GPU, two numbers:
 
 - allocated: ``torch.cuda.max_memory_allocated`` per phase (`diagnostics.MemoryProfiler`, source ``cuda``,
-  reset per step and phase);
+  reset per step and phase), against the predicted tensors plus the cuBLAS workspaces (allocated through
+  the caching allocator too: `DeviceMemory.allocated_bytes`);
 - device: what the card held at the step's peak, ``(total − free) − memory_reserved()`` before the step
   (`torch.cuda.mem_get_info`: the CUDA context, library handles, other processes) plus
   ``max_memory_reserved()`` over the step;
@@ -137,14 +138,14 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         m = r.get("measured")
-        pa, pd_ = r["predicted"] / MiB, r["predicted_device"] / MiB
+        pa, pd_ = r["predicted_allocated"] / MiB, r["predicted_device"] / MiB
         if m is None:
             status = r.get("status", "not measured")
             alloc, dev = f"{pa:.0f} / {status}", f"{pd_:.0f} / {status}"
             ea = ed = "–"
         else:
             alloc, dev = f"{pa:.0f} / {m['peak_bytes'] / MiB:.0f}", f"{pd_:.0f} / {m['device_bytes'] / MiB:.0f}"
-            ea, ed = _err(r["predicted"], m["peak_bytes"]), _err(r["predicted_device"], m["device_bytes"])
+            ea, ed = _err(r["predicted_allocated"], m["peak_bytes"]), _err(r["predicted_device"], m["device_bytes"])
         lines.append(f"| {r['model']} | {r['variant']} | {r['img']} | {r['precision']} | {r['batch']} | "
                      f"{alloc} | {ea} | {dev} | {ed} |")
     return "\n".join(lines)
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         dev = device_memory(pred, **card)
         row = {"model": model, "variant": variant, "img": img, "precision": prec, "batch": batch,
                "predicted": pred.peak_bytes, "predicted_phases": {k: v.peak_bytes for k, v in pred.train.items()},
-               "predicted_device": dev.device_bytes, "predicted_terms": dev.as_dict()["terms"],
+               "predicted_allocated": dev.allocated_bytes, "predicted_device": dev.device_bytes,
+               "predicted_terms": dev.as_dict()["terms"],
                "predict_s": round(time.perf_counter() - t, 2)}
         if not a.predict_only:
             try:
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "rows": rows}
     if not a.predict_only:
         result["profiler_cuda_paths"] = check_snapshot_and_oom(out)
-        for key, pred_key, meas_key in (("allocated", "predicted", "peak_bytes"),
+        for key, pred_key, meas_key in (("allocated", "predicted_allocated", "peak_bytes"),
                                         ("device", "predicted_device", "device_bytes")):
             errs = [abs(r[pred_key] - r["measured"][meas_key]) / r["measured"][meas_key] for r in rows if "measured" in r]
             result[f"max_abs_error_{key}"] = max(errs) if errs else None
