@@ -26,14 +26,10 @@
 
 # %%
 # %matplotlib inline
-import os
+import multiprocessing
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +47,14 @@ pd.set_option("display.width", 160)
 pd.set_option("display.max_colwidth", 200)
 
 import dcal
+import dcal_app
 import dcal_studies
 import diagnostics
-from dcal.config import PRETRAINED_DIR
+from dcal.config import PRETRAINED_DIR, apply_overrides, preset
 from dcal.layers import sa_block
 from dcal.train import (
     build_datasets,
+    build_trainer,
     config_of_checkpoint,
     evaluate,
     load_checkpoint,
@@ -172,33 +170,33 @@ INERT, WIRED = 1e-5, 1e-4
 # benchmark, 10 classes, 400 training and 200 test images, 3 epochs of 12 steps (36 optimiser steps, batch
 # 32, warm-up one epoch), evaluated after every epoch; seeds 0, 1, 2. At the demo's full budget (496 steps)
 # every selection reaches test accuracy 1.000 (README, ablation), so the early numbers are where a difference
-# can show. Each run is the command line a user would type; two run at a time, one thread each.
+# can show. Each run is what the command line below runs (`build_trainer` with `dcal_app.default_callbacks()`,
+# then `fit`), two at a time in forked processes, one thread each.
 
 # %%
 WORK = Path(tempfile.mkdtemp(prefix="dcal_nb05_"))
 SELECTIONS, SEEDS = ("rollout", "uniform", "random"), (0, 1, 2)
-RUN = ["--preset", "demo", "--set", "data.synthetic={num_classes: 10, train_per_class: 40, test_per_class: 20, seed: 0}",
-       "--set", "train.epochs=3", "--set", "train.progress=false", "--set", "train.save_best=false"]
-print("dcal train", " ".join(RUN), "--seed S --set model.glca_selection=SELECTION --out DIR")
+RUN = ["data.synthetic={num_classes: 10, train_per_class: 40, test_per_class: 20, seed: 0}", "train.epochs=3",
+       "train.progress=false", "train.save_best=false"]
+print("dcal train --preset demo", " ".join(f"--set {o!r}" for o in RUN), "--seed S --set model.glca_selection=SELECTION "
+      "--out DIR")
 
 
-def train(selection: str, seed: int) -> Path:
-    """One `dcal train` run in its own process (one torch thread); returns its run folder."""
-    folder = WORK / f"{selection}-s{seed}"
-    cmd = [sys.executable, "-m", "dcal_app", "train", *RUN, "--seed", str(seed), "--set",
-           f"model.glca_selection={selection}", "--out", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{folder.name}: dcal train failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return folder
+def train(job: tuple[str, int]) -> tuple[tuple[str, int], Path, float]:
+    """What `dcal train` does for one (selection, seed), in a forked worker (one torch thread): the run folder
+    and the CPU time it took."""
+    selection, seed = job
+    cpu0, folder = time.process_time(), WORK / f"{selection}-s{seed}"
+    cfg = apply_overrides(preset("demo"), [*RUN, f"model.glca_selection={selection}"])
+    cfg.train.seed = seed  # `--seed S`
+    build_trainer(cfg, folder, callbacks=dcal_app.default_callbacks()).fit()
+    return job, folder, time.process_time() - cpu0
 
 
-t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-with ThreadPoolExecutor(max_workers=2) as pool:
-    futures = {pool.submit(train, s, seed): (s, seed) for s in SELECTIONS for seed in SEEDS}
-    folders = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(futures), desc="runs")}
-cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)  # the 9 processes' CPU time
+t0, jobs = time.perf_counter(), [(s, seed) for s in SELECTIONS for seed in SEEDS]
+with multiprocessing.get_context("fork").Pool(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    done = list(tqdm(pool.imap_unordered(train, jobs), total=len(jobs), desc="runs"))
+folders, cpu = {job: folder for job, folder, _ in done}, sum(c for *_, c in done)
 print(f"{len(folders)} runs of 36 steps, two at a time: {cpu:.0f} s of CPU, ≈ {cpu / 2:.0f} s on two free cores "
       f"(wall time here, on a shared machine: {time.perf_counter() - t0:.0f} s)")
 evals = pd.concat([diagnostics.load_run(folders[key]).evals.assign(selection=key[0], seed=key[1])
