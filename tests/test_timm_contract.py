@@ -2,6 +2,7 @@
 and a documented hook point (hooks on `attn` modules see nothing; hooks on `attn.proj` see every branch)."""
 from __future__ import annotations
 
+import timm
 import torch
 
 import dcal
@@ -53,6 +54,21 @@ def test_forward_features_and_forward_head_are_the_sa_branch():
         torch.testing.assert_close(feats, model.backbone.forward_features(x), atol=0, rtol=0)
         torch.testing.assert_close(model.forward_head(feats), model(x).sa_logits, atol=1e-5, rtol=0)
         assert model.forward_head(feats, pre_logits=True).shape == (3, 48)
+
+
+def test_embed_tokens_is_the_start_of_timms_forward_features():
+    """`dcal.layers.embed_tokens`, the one caller of timm's private `_pos_embed`, gives the tokens timm's own
+    blocks start from, with a pre-norm and register tokens too (so a timm change there fails here)."""
+    from dcal.layers import embed_tokens
+
+    for extra in ({}, dict(pre_norm=True, reg_tokens=2)):
+        torch.manual_seed(0)
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, **TINY, **extra).eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            h = embed_tokens(vit, x)
+            assert h.shape == (2, vit.num_prefix_tokens + 16, 48)
+            torch.testing.assert_close(vit.norm(vit.blocks(h)), vit.forward_features(x))
 
 
 def test_hooks_on_attn_see_nothing_hooks_on_the_documented_points_see_every_branch():
