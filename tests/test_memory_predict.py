@@ -263,6 +263,9 @@ def test_real_tensors_read_as_constants_and_loud_errors():
     scale = torch.ones(10, requires_grad=True)  # a trainable tensor outside the model: its grad would be fake
     with pytest.raises(MetaUnsupportedError, match=r"real \(10,\) tensor that requires grad.*nn.Parameter"):
         predict(mlp(), x, loss_fn=lambda out: F.cross_entropy(out * scale, y))
+    on_device = torch.zeros(4, dtype=torch.long, device="meta")  # stands for labels left on a GPU
+    with pytest.raises(MetaUnsupportedError, match=r"real \(4,\) tensor on meta.*targets="):
+        predict(mlp(), x, loss_fn=lambda out: F.cross_entropy(out, on_device))
     with pytest.raises(TypeError, match="keys must be str"):
         predict(mlp(), {0: x})
     with pytest.raises(MetaUnsupportedError, match=r"module 'Branchy\.inner'|module 'Branchy'"):

@@ -170,6 +170,11 @@ class CategoryTracker(StorageTracker):
 
         tensors = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, Tensor)]
         for a in tensors:
+            if not isinstance(a, FakeTensor) and a.device.type != "cpu":
+                raise MetaUnsupportedError(
+                    f"op {func} got a real {tuple(a.shape)} tensor on {a.device} {self.where()}, phase {self.phase}: "
+                    f"the step runs on fake tensors of device cpu, so a captured tensor must be on the CPU. Keep "
+                    f"it there (y.cpu()), or pass it as targets= (only its shape and dtype are read)")
             if not isinstance(a, FakeTensor) and a.requires_grad:
                 raise MetaUnsupportedError(
                     f"op {func} got a real {tuple(a.shape)} tensor that requires grad {self.where()}, phase "
