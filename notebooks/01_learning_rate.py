@@ -293,9 +293,10 @@ fig
 
 # %%
 def at(step):
-    """Per optimiser and LR (those run that long): accuracy at `step` and Σθ² / start, per seed."""
+    """Per optimiser and LR (those run that long): accuracy at `step` and Σθ² / start, per seed; the keys in order."""
     s = sweep[sweep["step"] == step].groupby(["optimizer", "lr"], sort=False)
-    return s["acc_sa"], s["sum_sq / start"]
+    order = [key for key in ((opt, name) for opt in ("adam_l2", "adamw") for name in LRS) if key in s.groups]
+    return s["acc_sa"], s["sum_sq / start"], order
 
 
 RESOLUTION = 0.01  # one test image in 100: the floor of every printed spread of an accuracy
@@ -305,12 +306,12 @@ def shown(acc):
     return acc.apply(lambda a: format_measured(a.mean(), max(a.std(), RESOLUTION)))
 
 
-acc_short, norm_short = at(SHORT)
-acc_long, norm_long = at(STEPS)
+acc_short, norm_short, order = at(SHORT)
+acc_long, norm_long, _ = at(STEPS)
 results = pd.DataFrame({f"accuracy at {SHORT} steps (3 seeds)": shown(acc_short),
                         f"Σθ² at {SHORT} steps / start": norm_short.mean().map("{:.2f}".format),
                         f"accuracy at {STEPS} steps (2 seeds)": shown(acc_long),
-                        f"Σθ² at {STEPS} steps / start": norm_long.mean().map("{:.2f}".format)}).fillna("not run")
+                        f"Σθ² at {STEPS} steps / start": norm_long.mean().map("{:.2f}".format)}).reindex(order).fillna("not run")
 best = {(opt, n): acc.mean()[opt].idxmax() for opt, n, acc in (("adam_l2", SHORT, acc_short), ("adamw", SHORT, acc_short),
                                                                 ("adam_l2", STEPS, acc_long))}
 results

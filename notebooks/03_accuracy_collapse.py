@@ -491,11 +491,11 @@ def diff(a, b):
 
 
 budget = f"{STEPS} steps × 3 seeds"
-v_rise = judge("the accuracy rises", l2["best acc"].mean(), RISE, spread=spread(l2["best acc"]),
+v_rise = judge("under Adam + coupled L2 + clipping the accuracy rises above 2× chance", l2["best acc"].mean(), RISE, spread=spread(l2["best acc"]),
                quantity="best accuracy (adam_l2)", budget=budget).expect("confirmed")
-v_fall = judge("then falls below half its best", l2["final / best"].mean(), COLLAPSE_FRACTION, holds_if="<",
+v_fall = judge("under Adam + coupled L2 + clipping the accuracy then falls below half its best", l2["final / best"].mean(), COLLAPSE_FRACTION, holds_if="<",
                spread=spread(l2["final / best"]), quantity="final / best (adam_l2)", budget=budget).expect("confirmed")
-v_loss = judge("while the training loss rises", l2["loss rise / ln C"].mean(), LOSS_RISE, spread=spread(l2["loss rise / ln C"]),
+v_loss = judge("under Adam + coupled L2 + clipping the training loss rises after its low", l2["loss rise / ln C"].mean(), LOSS_RISE, spread=spread(l2["loss rise / ln C"]),
                quantity="loss rise / ln C (adam_l2)", budget=budget).expect("confirmed")
 v_symptom = combine("the seed's rise-then-fall reproduces under Adam + coupled L2 + clipping (3 of 3 seeds)",
                     [v_rise, v_fall, v_loss])
@@ -527,6 +527,7 @@ verdicts = [v_symptom.expect("confirmed"), v_sum_lr.expect("confirmed"), v_clip_
             v_nc_erodes.expect("confirmed"), v_nan.expect("refuted"), v_adamw.expect("confirmed"), v_doctor.expect("confirmed"),
             v_detector.expect("confirmed")]
 print(report(verdicts))
+print(report([v_rise, v_fall, v_loss]))
 
 # %% [markdown]
 # A control that could flip them: the same "falls below half its best" judged on the AdamW runs, and "the clip makes
@@ -534,7 +535,7 @@ print(report(verdicts))
 # replaced by `adam_l2`'s) must change label:
 
 # %%
-print(flip(v_fall, judge("then falls below half its best", aw["final / best"].mean(), COLLAPSE_FRACTION, holds_if="<",
+print(flip(v_fall, judge(v_fall.claim, aw["final / best"].mean(), COLLAPSE_FRACTION, holds_if="<",
                          spread=spread(aw["final / best"]), quantity="final / best (adamw)"), "adam_l2 → adamw runs"))
 d0, s0 = diff(l2["final acc"], l2["final acc"])
 print(flip(v_clip_run, judge(v_clip_run.claim, d0, HELPS, spread=s0, quantity="Δ final accuracy, adam_l2 − adam_l2"),
