@@ -186,11 +186,16 @@ diagnostics.plot_curves(log)
 # loss), for every run:
 
 # %%
+def weighted(st: pd.DataFrame) -> list[str]:
+    """The branches whose uncertainty weight and loss the step records carry (none for an SA-only run)."""
+    return [b for b in ("sa", "glca", "pwca") if {f"w_{b}", f"loss_{b}"} <= set(st.columns)]
+
+
 def uncertainty_reading(lg) -> pd.DataFrame:
     """Per branch: how far w moved, in units of Σlr (≈ 1: Adam's speed limit), and its final gap to log L_i."""
     st, sum_lr = lg.steps, float(lg.steps["lr"].sum())
     rows = []
-    for b in ("sa", "glca", "pwca"):
+    for b in weighted(st):
         w = st[f"w_{b}"].to_numpy(dtype=float)
         log_loss = math.log(float(st[f"loss_{b}"].iloc[-10:].mean()))
         rows.append({"branch": b, "w start": round(w[0], 3), "w end": round(w[-1], 3), "Σlr": f"{sum_lr:.2g}",
@@ -202,10 +207,13 @@ def uncertainty_reading(lg) -> pd.DataFrame:
 fig = Figure(figsize=(5 * len(runs), 3.2), layout="constrained")
 for ax, r in zip(np.atleast_1d(fig.subplots(1, len(runs))), runs):
     st = diagnostics.load_run(r).steps
-    for b, color in (("sa", "tab:blue"), ("glca", "tab:orange"), ("pwca", "tab:green")):
-        ax.plot(st["step"], st[f"w_{b}"], color=color, label=f"w_{b}")
-        ax.plot(st["step"], np.log(st[f"loss_{b}"].rolling(10, min_periods=1).mean()), "--", color=color, alpha=0.6)
-    ax.plot(st["step"], st["w_sa"].iloc[0] + st["lr"].cumsum(), ":", color="black", label="w start + Σlr")
+    colors = {"sa": "tab:blue", "glca": "tab:orange", "pwca": "tab:green"}
+    for b in weighted(st):
+        ax.plot(st["step"], st[f"w_{b}"], color=colors[b], label=f"w_{b}")
+        ax.plot(st["step"], np.log(st[f"loss_{b}"].rolling(10, min_periods=1).mean()), "--", color=colors[b], alpha=0.6)
+    if weighted(st):
+        ax.plot(st["step"], st[f"w_{weighted(st)[0]}"].iloc[0] + st["lr"].cumsum(), ":", color="black",
+                label="w start + Σlr")
     ax.set(title=f"{r.name}: w_i (solid), log L_i (dashed)", xlabel="optimiser step")
     ax.legend(fontsize=7)
 fig
