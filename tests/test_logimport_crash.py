@@ -123,3 +123,24 @@ def test_unwrap_joins_only_a_wrapped_file():
     assert (any(text == "ImportError: numpy.core.multiarray failed to import" for _, text in lines))
     table = [f"{i:>5} | {0.1 * i:10.4f} | {0.2 * i:10.4f} | healthy row" for i in range(40)]  # fixed width, no spaces at the end
     assert wrap_width(table) is None
+
+
+def test_a_tqdm_bar_with_float_counts_is_a_bar_not_an_epoch_summary(tmp_path):
+    """tqdm writes ``99.0/171`` (float n) mid-epoch; such a bar's running postfix must not replace the epoch
+    summary line it follows (the pokemon log read 3.96 for epoch 1, whose summary says 4.8177)."""
+    from diagnostics.logimport import import_log
+
+    log = tmp_path / "keras_tqdm.txt"
+    log.write_text(
+        "2025-06-14 22:57:19,981 - INFO - 100%|##########| 171/171 [00:25<00:00, 7.58batch/s, accuracy=0.019, loss=4.82]\n"
+        "2025-06-14 22:57:21,314 - INFO - Epoch 1: \n"
+        "2025-06-14 22:57:21,314 - INFO - loss=4.8177, accuracy=0.0190, \n"
+        "2025-06-14 22:57:21,314 - INFO - val_loss=4.3607, val_accuracy=0.0425\n"
+        "2025-06-14 22:57:21,315 - INFO - 0%|          | 0.00/171 [00:00<?, ?batch/s, accuracy=0.019, loss=4.82]\n"
+        "2025-06-14 22:58:04,973 - INFO - 58%|#####7    | 99.0/171 [00:43<00:42, 1.69batch/s, accuracy=0.11, loss=3.96]\n"
+        "2025-06-14 22:58:21,053 - INFO - Epoch 2: \n"
+        "2025-06-14 22:58:21,053 - INFO - loss=3.7617, accuracy=0.1390, \n"
+        "2025-06-14 22:58:21,053 - INFO - val_loss=3.4104, val_accuracy=0.1978\n")
+    run = import_log(log, num_classes=150)
+    assert run.steps["loss"].tolist() == [4.8177, 3.7617]
+    assert run.steps["train_acc"].tolist() == [0.019, 0.139]

@@ -52,7 +52,7 @@ _PREFIXES = [re.compile(p, re.I) for p in (
     r"^(?-i:.{0,60}?(?<![\w(])(?:INFO|WARNING|WARN|DEBUG|ERROR|CRITICAL)(?![\w(]))\s*(?::[\w.]+)?\s*[:\-|\]]*",
     r"^[\-|:>\]\s]+",
 )]
-_TQDM = re.compile(r"(?P<desc>.*?)(?::\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
+_TQDM = re.compile(r"(?P<desc>.*?)(?::\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+(?:\.\d+)?)/(?P<total>\d+(?:\.\d+)?)"
                    r"\s*(?:\[(?P<inner>[^\]]*)\])?")
 _MARKER = re.compile(r"(?<![\w@])(?<!best )(?<!best_)(?P<kind>epoch|step|iter|iteration|global[ _]step)\b['\"]?\s*[:=#]?\s*\[?\s*"
                      r"(?P<n>\d+)(?:\s*(?:/|of)\s*(?P<total>\d+))?", re.I)
@@ -155,8 +155,8 @@ class _Reader:
         desc = m["desc"] or ""
         self._markers(desc)
         kind = "eval" if any(w in SPLIT_WORDS and SPLIT_WORDS[w] == "val" for w in normalise(desc).split()) else "train"
-        self.out.progress.append({"line": lineno, "epoch": self.state.epoch, "n": int(m["n"]),
-                                  "total": int(m["total"]), "desc": desc.strip(), "kind": kind})
+        self.out.progress.append({"line": lineno, "epoch": self.state.epoch, "n": int(float(m["n"])),
+                                  "total": int(float(m["total"])), "desc": desc.strip(), "kind": kind})
         inner = m["inner"] or ""
         postfix = inner.split(",", 2)[-1] if inner.count(",") >= 2 else ""  # after elapsed<eta, rate
         return desc + " | " + postfix + " | " + body[m.end():]
