@@ -59,18 +59,4 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = [
-    "RolloutCallback", "plot_compare", "plot_pwca_mass", "plot_rollout", "pwca_distractor_mass", "rollout_heatmap",
-    "random_selection", "selection_jaccard", "selection_onehot", "selection_stats",
-    "RolloutExplorer", "rollout_explorer",
-    "doctor", "Finding", "diagnose", "import_log", "LogImportError", "RunLog", "RunLogError", "load_run", "read_metrics",
-    "lr_rule_table", "plot_curves", "plot_lr_rules", "plot_lr_schedule", "plot_uncertainty",
-    "uncertainty_reading", "uncertainty_state", "RunExplorer", "run_explorer",
-    "LeakDetector", "MemoryCallback", "MemoryProfiler", "attention_memory", "count_graph_tensors",
-    "predict_step_memory",
-    "find_graph_holders", "oom_snapshot", "record_history",
-    "NonFiniteCallback", "NonFiniteDetector", "NonFiniteError", "describe_tensor", "finite_checks",
-    "watch", "Watch", "capture_attention", "AttentionCapture", "AttentionCaptureError", "attention_rollout",
-    "vit_rollout", "dcal_rollout",
-]
-
+__all__ = ["doctor", *_LAZY]  # every lazy name is public
