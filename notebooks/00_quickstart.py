@@ -100,7 +100,7 @@ torch.testing.assert_close(probs.sum(-1), torch.full((4,), 2.0))
 # The `demo` preset, shrunk to 40 training images per class and 3 epochs (36 optimiser steps, linear LR
 # rule, warmup of one epoch), starting from the shipped backbone. `dcal_app.default_callbacks()` attaches
 # the NaN/Inf checks, the memory log and the rollout statistics to every evaluation. The full demo
-# (`make demo`: 496 steps) reaches test accuracy 1.00; here a few seconds are enough to see it learn.
+# (`make demo`: 186 steps) reaches test accuracy 1.00; here a few seconds are enough to see it learn.
 
 # %%
 cfg = apply_overrides(preset("demo"), [

@@ -51,7 +51,7 @@ import dcal_app
 import dcal_studies
 import diagnostics
 from dcal.config import PRETRAINED_DIR, apply_overrides, preset
-from dcal.layers import sa_block
+from dcal.layers import embed_tokens, sa_block
 from dcal.train import (
     build_datasets,
     build_trainer,
@@ -168,8 +168,8 @@ INERT, WIRED = 1e-5, 1e-4
 #
 # Scaled to the CPU budget: DCAL (SA + GLCA + PWCA) fine-tuned from the shipped backbone on the embedded
 # benchmark, 10 classes, 400 training and 200 test images, 3 epochs of 12 steps (36 optimiser steps, batch
-# 32, warm-up one epoch), evaluated after every epoch; seeds 0, 1, 2. At the demo's full budget (496 steps)
-# every selection reaches test accuracy 1.000 (README, ablation), so the early numbers are where a difference
+# 32, warm-up one epoch), evaluated after every epoch; seeds 0, 1, 2. At the former demo budget (496 steps, the
+# README's ablation) every selection reaches test accuracy 1.000 (README, ablation), so the early numbers are where a difference
 # can show. Each run is what the command line below runs (`build_trainer` with `dcal_app.default_callbacks()`,
 # then `fit`), two at a time in forked processes, one thread each.
 
@@ -393,7 +393,7 @@ def heads(attn, t):
 def pwca_reference(m, x, pair, carry=True):
     """PWCA by hand: per block the head-mean maps (B, N, 2N) over [K1; K2], and the PWCA logits (B, C)."""
     bb = m.backbone
-    h_sa = bb.norm_pre(bb._pos_embed(bb.patch_embed(x)))  # (B, N, C): both streams start from the embedding
+    h_sa = embed_tokens(bb, x)  # (B, N, C): both streams start from the embedding
     h_pw, maps = h_sa, []
     for blk in bb.blocks:
         a = blk.attn
@@ -499,7 +499,7 @@ pd.DataFrame(effects).T
 # %%
 bb = model.backbone
 with torch.no_grad():
-    h, maps = bb.norm_pre(bb._pos_embed(bb.patch_embed(images))), []
+    h, maps = embed_tokens(bb, images), []
     for blk in bb.blocks:
         h, _, _, w = sa_block(blk, h, need_weights=True)  # w: (B, N, N) head-mean attention weights
         maps.append(w)
