@@ -8,14 +8,13 @@ and the ones left out (``--map val_acc=test_192_acc1`` picks another).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from .reading import Reading
-from .tables import rows_to_reading
+from .tables import json_objects, rows_to_reading
 
 __all__ = ["read_deit_log", "read_timm_summary", "is_deit_record", "is_timm_summary_header"]
 
@@ -53,19 +52,7 @@ def _percent(rows: list[tuple[int, dict]], r_notes: list[str]) -> tuple[list[tup
 
 
 def read_deit_log(path: Path, lines: list[str], mapping: dict | None) -> Reading:
-    rows, problems = [], []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append((i, f"malformed JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            problems.append((i, f"a JSON {type(obj).__name__}, not an object"))
-            continue
-        rows.append((i, obj))
+    rows, problems = json_objects(lines)
     notes = []
     resolutions = sorted({int(m["res"]) for _, row in rows for k in row if (m := _RES_ACC.match(k))})
     user = set((mapping or {}).values())

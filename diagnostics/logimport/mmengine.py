@@ -14,13 +14,13 @@ there), which is placed at that epoch's last iteration exactly as in the text lo
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from .aliases import resolve
 from .crash import EXCEPTION_LINE, TracebackReader
 from .reading import Reading
+from .tables import json_objects
 from .text import COMPLETION, strip_prefix
 
 __all__ = ["read_mmengine_text", "read_mmengine_scalars", "is_mmengine_text", "is_mmengine_scalars"]
@@ -125,15 +125,9 @@ def read_mmengine_text(text: str, mapping: dict | None) -> Reading:
 def read_mmengine_scalars(path: Path, lines: list[str], mapping: dict | None) -> Reading:
     r = Reading(lines=len(lines), format="mmengine-scalars", has_epoch_markers=True)
     train, vals = [], []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            r.problems.append((lineno, f"malformed JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
+    objects, r.problems = json_objects(lines)
+    for lineno, obj in objects:
+        if not isinstance(obj.get("step"), int):
             r.problems.append((lineno, "not a record with an integer 'step'"))
             continue
         pairs = [(k, float(v)) for k, v in obj.items() if k not in ("step", "epoch") and isinstance(v, (int, float))

@@ -106,9 +106,10 @@ def _flatten(obj: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_json_rows(path: Path, lines: list[str], mapping: dict | None) -> Reading:
-    """Rows of a JSON-lines file of metric objects; a malformed line is a problem (line number and why)."""
-    rows, problems = [], []
+def json_objects(lines: list[str]) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """The JSON objects of a JSON-lines file as (line number, object); a line that is malformed JSON or not an
+    object is a problem (line number, why). Blank lines are skipped."""
+    objects, problems = [], []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -120,7 +121,14 @@ def read_json_rows(path: Path, lines: list[str], mapping: dict | None) -> Readin
         if not isinstance(obj, dict):
             problems.append((i, f"a JSON {type(obj).__name__}, not an object"))
             continue
-        rows.append((i, _flatten(obj)))
+        objects.append((i, obj))
+    return objects, problems
+
+
+def read_json_rows(path: Path, lines: list[str], mapping: dict | None) -> Reading:
+    """Rows of a JSON-lines file of metric objects; a malformed line is a problem (line number and why)."""
+    objects, problems = json_objects(lines)
+    rows = [(i, _flatten(obj)) for i, obj in objects]
     if not rows and problems:
         try:
             whole = json.loads("\n".join(lines))
