@@ -7,11 +7,9 @@ model's shape). Any other log is read by `diagnostics.import_log` (text, CSV, JS
 One module per concern: `reading` (the input), `findings` (`Finding`, `CODES`), `rules` (every threshold
 with its rule and why: the page to cite for what a finding means), the checks (`checks_records`,
 `checks_learning`, `checks_dynamics`, `checks_training` for any classifier's curves, `checks_crash`; `checks`
-runs them all), the reports (`report_text`, `report_html`) and the command (`cli`). Every public name is
-re-exported here.
-
-`main(argv)` is the ``dcal doctor PATH [...]`` command: exit status 1 when a finding is an error, 0
-otherwise, 2 when the input cannot be read.
+runs them all) and the reports (`report_text`, `report_html`). Every public name is re-exported here.
+The ``dcal doctor PATH [...]`` command is `dcal_app.doctor.main` (exit status 0 clean, 1 an error finding,
+2 nothing readable, 3 an internal failure).
 """
 from . import rules
 from .checks import diagnose, diagnose_log, import_finding, model_shape, skipped_checks
