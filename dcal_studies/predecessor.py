@@ -247,7 +247,7 @@ def predecessor_case(batch_size: int = 4, img_size: int = 448, amp_dtype: torch.
         arch: `PredecessorDCAL` keywords (default `VIT_B16`).
 
     Returns:
-        ``{"seed": MemoryPrediction, "parameters": int, "log": PREDECESSOR_OOM}``.
+        ``{"predecessor": MemoryPrediction, "parameters": int, "log": PREDECESSOR_OOM}``.
     """
     from diagnostics.memory import predict_step_memory
 
@@ -258,4 +258,4 @@ def predecessor_case(batch_size: int = 4, img_size: int = 448, amp_dtype: torch.
     pred = predict_step_memory(model, (x, x), loss_fn=PredecessorLoss(), optimizer=predecessor_optimizer,
                                amp_dtype=amp_dtype, grad_accum_steps=grad_accum_steps, target=target,
                                eval_inputs=((eval_batch_size, 3, img_size, img_size),))
-    return {"seed": pred, "parameters": sum(p.numel() for p in model.parameters()), "log": dict(PREDECESSOR_OOM)}
+    return {"predecessor": pred, "parameters": sum(p.numel() for p in model.parameters()), "log": dict(PREDECESSOR_OOM)}

@@ -222,7 +222,7 @@ class KeepsEvalMaps(PredecessorDCAL):
 
 case = predecessor_case(batch_size=run["batch_physical"], img_size=run["img_size"], num_classes=run["num_classes"],
                         amp_dtype=torch.float16, eval_batch_size=2)
-seed = case["seed"]
+predecessor = case["predecessor"]
 assert case["parameters"] == n_params
 with torch.device("meta"):
     keeps = KeepsEvalMaps(run["img_size"], run["num_classes"], **VIT_B16)
@@ -230,32 +230,32 @@ x4 = (run["batch_physical"], 3, run["img_size"], run["img_size"])
 p_keeps = diagnostics.predict_step_memory(keeps, (x4, x4), loss_fn=PredecessorLoss(), optimizer=predecessor_optimizer,
                                           amp_dtype=torch.float16, eval_inputs=(x4,), target="cuda")
 BLOCK = 512  # bytes: the allocator's smallest block (a process's first prediction counts one more)
-assert all(abs(p_keeps.train[k].peak_bytes - seed.train[k].peak_bytes) <= BLOCK for k in seed.train)
+assert all(abs(p_keeps.train[k].peak_bytes - predecessor.train[k].peak_bytes) <= BLOCK for k in predecessor.train)
 
 
 def phase_peaks(phases: dict) -> dict:
     return {name: p.peak_bytes / GiB for name, p in phases.items()}
 
 
-steps = pd.DataFrame({"ordinary training step": phase_peaks(seed.train),
-                      "first training step after an evaluation": phase_peaks(seed.train_after_eval)}).T
+steps = pd.DataFrame({"ordinary training step": phase_peaks(predecessor.train),
+                      "first training step after an evaluation": phase_peaks(predecessor.train_after_eval)}).T
 steps["evaluation step"] = np.nan
 steps.loc["evaluation, batch 4", "evaluation step"] = p_keeps.eval_peak_bytes / GiB
-steps.loc["evaluation, last batch (2)", "evaluation step"] = seed.eval_peak_bytes / GiB
+steps.loc["evaluation, last batch (2)", "evaluation step"] = predecessor.eval_peak_bytes / GiB
 steps.round(2)
 
 # %%
-comp = pd.Series(seed.train["backward"].composition) / GiB
+comp = pd.Series(predecessor.train["backward"].composition) / GiB
 print("the ordinary step's peak (backward), by what is alive (GiB):")
 print(comp[comp > 0].round(2).to_string())
 
 # %%
-P = seed.peak_bytes / GiB  # the ordinary step's peak (its backward)
-bwd_added = round((seed.train_after_eval["backward"].peak_bytes - seed.train["backward"].peak_bytes) / MiB, 2) + 0.0
-P_after = seed.train_after_eval_peak_bytes / GiB
+P = predecessor.peak_bytes / GiB  # the ordinary step's peak (its backward)
+bwd_added = round((predecessor.train_after_eval["backward"].peak_bytes - predecessor.train["backward"].peak_bytes) / MiB, 2) + 0.0
+P_after = predecessor.train_after_eval_peak_bytes / GiB
 kept_maps = d["L"] * 2 * d["H"] * d["N"] ** 2 * 4 / GiB  # the last evaluation batch's 12 fp32 SA maps (B = 2)
-print(f"ordinary step: {P:.2f} GiB at its {seed.peak_phase}; the OOM's need {needed:.2f}; usable {usable:.2f}")
-print(f"first step after an evaluation: forward {seed.train_after_eval['forward'].peak_bytes / GiB:.2f} GiB "
+print(f"ordinary step: {P:.2f} GiB at its {predecessor.peak_phase}; the OOM's need {needed:.2f}; usable {usable:.2f}")
+print(f"first step after an evaluation: forward {predecessor.train_after_eval['forward'].peak_bytes / GiB:.2f} GiB "
       f"(+{P_after - P:.2f} over the ordinary step; the kept maps L·2·H·N²·4 B = {kept_maps:.2f} GiB), "
       f"backward + {bwd_added:.0f} MiB over the ordinary backward")
 print(f"headroom of the ordinary step on the unfragmented GPU: {usable - P:.2f} GiB; the OOM's fragmentation: "
@@ -286,8 +286,8 @@ print(f"headroom of the ordinary step on the unfragmented GPU: {usable - P:.2f} 
 # %%
 fig = Figure(figsize=(9, 3.6), layout="constrained")
 ax = fig.subplots()
-bars = {"ordinary step": [seed.train[k].peak_bytes / GiB for k in ("forward", "backward")],
-        "first step after\nan evaluation": [seed.train_after_eval[k].peak_bytes / GiB for k in ("forward", "backward")]}
+bars = {"ordinary step": [predecessor.train[k].peak_bytes / GiB for k in ("forward", "backward")],
+        "first step after\nan evaluation": [predecessor.train_after_eval[k].peak_bytes / GiB for k in ("forward", "backward")]}
 xs = np.arange(len(bars))
 for j, phase in enumerate(("forward", "backward")):
     b = ax.bar(xs + (j - 0.5) * 0.35, [v[j] for v in bars.values()], width=0.35, label=f"{phase} peak (predicted)")

@@ -244,7 +244,7 @@ def test_attention_memory_at_448px():
     rollout = L * B * N * N * 4 / 1e6
     assert df.loc["rollout_maps", "mb"] == pytest.approx(rollout)
     assert df.loc["total_dcal", "mb"] == pytest.approx(3 * sa + df.loc["glca", "mb"] + rollout)
-    assert df.loc["total_seed", "mb"] == pytest.approx(4 * sa + df.loc["glca", "mb"] + 2 * B * N * N * 4 / 1e6)
+    assert df.loc["total_predecessor", "mb"] == pytest.approx(4 * sa + df.loc["glca", "mb"] + 2 * B * N * N * 4 / 1e6)
     explicit = attention_memory({"num_heads": 3, "depth": 12, "patch_size": 16}, 448, 4, dtype_bytes=2)
     assert explicit.loc["sa", "mb"] == pytest.approx(sa / 2)
     assert explicit.loc["rollout_maps", "mb"] == pytest.approx(rollout)  # fp32 regardless of dtype

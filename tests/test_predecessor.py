@@ -115,4 +115,4 @@ def test_case_returns_the_log_and_the_setting():
     r = predecessor_case(batch_size=2, img_size=IMG, num_classes=5, arch=SMALL)
     assert r["log"] == PREDECESSOR_OOM and r["log"]["requested_bytes"] == 226 * 2 ** 20
     assert r["parameters"] == sum(p.numel() for p in small().parameters())
-    assert r["seed"].train_after_eval_peak_bytes > r["seed"].peak_bytes > 0
+    assert r["predecessor"].train_after_eval_peak_bytes > r["predecessor"].peak_bytes > 0

@@ -23,8 +23,8 @@ MIN_LARGE_ALLOC, LARGE_BUFFER, ROUND_LARGE = 10 * 2**20, 20 * 2**20, 2 * 2**20
 OOM_ROUNDING_BYTES = ROUND_LARGE
 _COMPONENT = {"sa": "SA score map", "glca": "GLCA score map", "pwca": "PWCA score map over 2N keys",
               "rollout_maps": "head-mean attention map kept for the rollout",
-              "seed_sa_image2": "score map of a second SA pass for image 2",
-              "seed_rollout_products": "rollout matrix product"}
+              "predecessor_sa_image2": "score map of a second SA pass for image 2",
+              "predecessor_rollout_products": "rollout matrix product"}
 _DTYPE = {4: "fp32", 2: "fp16/bf16"}
 
 

@@ -38,7 +38,7 @@ def attention_memory(backbone: str | Mapping[str, int], img_size: int, batch_siz
 
     Counts the B·H·Nq·Nk score maps that *eager* attention (softmax, then ``attn @ v``) keeps for backward,
     N = patches + prefix tokens: SA (L layers, N×N), GLCA (1 layer, (1+k)×N), PWCA (L layers, N×2N), plus
-    the fp32 head-mean maps kept until the rollout (L × B·N·N). The seed system's design adds a second SA
+    the fp32 head-mean maps kept until the rollout (L × B·N·N). The predecessor system's design (the "seed" of ../shared/seed/) adds a second SA
     pass for image 2 (L × B·H·N·N) and forms the rollout as full (B, N, N) matrix products (a running
     product and a fused map per layer live at once, L·B·N³ multiply-adds). `dcal.layers` uses fused SDPA
     for the differentiable path, which keeps no score map at all; the table is what eager attention costs.
@@ -53,7 +53,7 @@ def attention_memory(backbone: str | Mapping[str, int], img_size: int, batch_siz
 
     Returns:
         DataFrame indexed by component with columns ``layers``, ``map`` (shape), ``mb``, ``dcal`` and
-        ``seed`` (whether the design has it), then rows ``total_dcal`` and ``total_seed``;
+        ``predecessor`` (whether the design has it), then rows ``total_dcal`` and ``total_predecessor``;
         ``df.attrs`` holds the resolved dims (N, P, k, H, L, B).
     """
     import pandas as pd
@@ -75,20 +75,21 @@ def attention_memory(backbone: str | Mapping[str, int], img_size: int, batch_siz
     N = P + prefix
     k = max(1, math.floor(glca_ratio * P))
     rows = [
-        # component, layers, map, elements per layer, bytes per element, dcal, seed
+        # component, layers, map, elements per layer, bytes per element, dcal, predecessor
         ("sa", L, "B·H·N·N", B * H * N * N, dtype_bytes, True, True),
         ("glca", 1, "B·H·(1+k)·N", B * H * (1 + k) * N, dtype_bytes, True, True),
         ("pwca", L, "B·H·N·2N", B * H * N * 2 * N, dtype_bytes, True, True),
         ("rollout_maps", L, "B·N·N fp32", B * N * N, 4, True, False),
-        ("seed_sa_image2", L, "B·H·N·N", B * H * N * N, dtype_bytes, False, True),
-        ("seed_rollout_products", 2, "B·N·N fp32 (L·B·N³ MACs)", B * N * N, 4, False, True),
+        ("predecessor_sa_image2", L, "B·H·N·N", B * H * N * N, dtype_bytes, False, True),
+        ("predecessor_rollout_products", 2, "B·N·N fp32 (L·B·N³ MACs)", B * N * N, 4, False, True),
     ]
     df = pd.DataFrame(
-        [{"component": c, "layers": n, "map": m, "mb": n * e * b / MB, "dcal": d, "seed": s}
+        [{"component": c, "layers": n, "map": m, "mb": n * e * b / MB, "dcal": d, "predecessor": s}
          for c, n, m, e, b, d, s in rows]).set_index("component")
     totals = pd.DataFrame([
-        {"component": "total_dcal", "layers": None, "map": "", "mb": df.loc[df.dcal, "mb"].sum(), "dcal": True, "seed": False},
-        {"component": "total_seed", "layers": None, "map": "", "mb": df.loc[df.seed, "mb"].sum(), "dcal": False, "seed": True},
+        {"component": "total_dcal", "layers": None, "map": "", "mb": df.loc[df.dcal, "mb"].sum(), "dcal": True, "predecessor": False},
+        {"component": "total_predecessor", "layers": None, "map": "", "mb": df.loc[df.predecessor, "mb"].sum(),
+         "dcal": False, "predecessor": True},
     ]).set_index("component")
     out = pd.concat([df, totals])
     out.attrs.update({"N": N, "P": P, "k": k, "H": H, "L": L, "B": B, "patch_size": p, "dtype_bytes": dtype_bytes})
