@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PredecessorDCAL", "PredecessorLoss", "predecessor_case", "predecessor_optimizer", "PREDECESSOR_OOM",
+__all__ = ["PredecessorDCAL", "KeepsEvalMaps", "PredecessorLoss", "predecessor_case", "predecessor_optimizer", "PREDECESSOR_OOM",
            "VIT_B16"]
 
 GiB = 2 ** 30
@@ -206,6 +206,18 @@ class PredecessorDCAL(nn.Module):
         out["glca_logits"] = self.glca_head(self.norm(self.glca(h.clone(), maps))[:, 0])
         # Set at the end of every forward: the SA maps in eval, emptied in training.
         self.attention_maps = {} if self.training else {"sa_attention": maps}
+        return out
+
+
+class KeepsEvalMaps(PredecessorDCAL):
+    """The control for the earlier (wrong) reading of the predecessor: the evaluation's maps stay on the module
+    through the next training step (its code empties them at the end of every training forward)."""
+
+    def forward(self, x, x_pair=None):
+        kept = self.attention_maps if self.training else None
+        out = super().forward(x, x_pair)
+        if self.training:
+            self.attention_maps = kept
         return out
 
 

@@ -45,6 +45,7 @@ from dcal.callbacks import Callback
 from dcal.config import apply_overrides, derive, preset
 from dcal.schedule import lr_for_rule, warmup_cosine
 from dcal.train import build_trainer, dry_run_lr, model_from_config
+from dcal_studies.curves import fall_at
 from dcal_studies.verdicts import combine, flip, format_measured, judge, report
 from diagnostics.doctor import COLLAPSE_FRACTION
 from diagnostics.weights import weight_sum_sq
@@ -358,13 +359,7 @@ ax.legend(fontsize=8)
 fig
 
 # %%
-def fall_at(sum_lr, acc):
-    """Σlr at the best point, and at the first point after it below half the best."""
-    best = acc.idxmax()
-    after = acc.loc[best:]
-    return sum_lr[best], sum_lr[after[after < COLLAPSE_FRACTION * acc.max()].index[0]]
-
-
+# `fall_at` (dcal_studies.curves): Σlr at the best point, and at the first point after it below half the best.
 seed_peak, seed_fall = fall_at(seed_sum_lr, seed_train)
 sqrt_runs = [acc for (name, _), acc in long_runs.items() if name == "√32×"]
 ours = pd.DataFrame([fall_at(acc.index.to_series() * LRS["√32×"], acc) for acc in sqrt_runs], columns=["peak", "fall"])

@@ -49,6 +49,7 @@ from dcal.config import SMALL_VIT, apply_overrides, preset
 from dcal.train import build_datasets, normalisation
 from dcal_studies.predecessor import (
     VIT_B16,
+    KeepsEvalMaps,
     PredecessorDCAL,
     PredecessorLoss,
     predecessor_case,
@@ -209,17 +210,8 @@ thresholds.round(2)
 # 2.74 GiB shown, and stays far below any training step.
 
 # %%
-class KeepsEvalMaps(PredecessorDCAL):
-    """The earlier reading of the seed: the evaluation's maps stay on the module through training."""
-
-    def forward(self, x, x_pair=None):
-        kept = self.attention_maps if self.training else None
-        out = super().forward(x, x_pair)
-        if self.training:
-            self.attention_maps = kept
-        return out
-
-
+# `KeepsEvalMaps` (dcal_studies.predecessor): the earlier reading of the seed, the evaluation's maps kept on
+# the module through training — the control that could flip the verdict.
 case = predecessor_case(batch_size=run["batch_physical"], img_size=run["img_size"], num_classes=run["num_classes"],
                         amp_dtype=torch.float16, eval_batch_size=2)
 predecessor = case["predecessor"]

@@ -49,6 +49,7 @@ import diagnostics
 from dcal.config import apply_overrides, preset
 from dcal.schedule import warmup_cosine
 from dcal.train import build_trainer, model_from_config
+from dcal_studies.curves import fall_at
 from dcal_studies.verdicts import combine, flip, format_measured, judge, report
 from diagnostics.doctor import COLLAPSE_FRACTION
 from diagnostics.weights import DecayDominanceCallback, magnitude_quantiles, share_below
@@ -350,13 +351,7 @@ ax.legend(fontsize=8)
 fig
 
 # %%
-def fall_at(sum_lr, acc):
-    """Σlr at the best point, and at the first point after it below half the best."""
-    best = acc.idxmax()
-    after = acc.loc[best:]
-    return sum_lr[best], sum_lr[after[after < COLLAPSE_FRACTION * acc.max()].index[0]]
-
-
+# `fall_at` (dcal_studies.curves): Σlr at the best point, and at the first point after it below half the best.
 seed_peak, seed_fall = fall_at(seed_sum_lr, seed_train)
 ours = pd.DataFrame([fall_at(r.evals.set_index("step").index.to_series() * LR, r.evals.set_index("step")[ACC])
                      for (arm, _), r in runs.items() if arm == "adam_l2"], columns=["peak", "fall"])

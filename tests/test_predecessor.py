@@ -11,6 +11,7 @@ import yaml
 from dcal_studies.predecessor import (
     PREDECESSOR_OOM,
     VIT_B16,
+    KeepsEvalMaps,
     PredecessorDCAL,
     PredecessorLoss,
     predecessor_case,
@@ -28,17 +29,6 @@ FACTS = Path(__file__).resolve().parents[1] / "notebooks" / "seed_evidence" / "f
 def small(cls=PredecessorDCAL, **kw) -> PredecessorDCAL:
     torch.manual_seed(0)
     return cls(IMG, 5, **{**SMALL, **kw})
-
-
-class KeepsEvalMaps(PredecessorDCAL):
-    """The earlier (wrong) reading: the evaluation's maps stay on the module through training."""
-
-    def forward(self, x, x_pair=None):
-        kept = self.attention_maps if self.training else None
-        out = super().forward(x, x_pair)
-        if self.training:
-            self.attention_maps = kept
-        return out
 
 
 def predict(model, batch=2, eval_batch=2, **kw):
