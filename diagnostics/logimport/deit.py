@@ -11,10 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from .reading import Reading
-from .tables import json_objects, rows_to_reading
+from .tables import csv_rows, json_objects, rows_to_reading
 
 __all__ = ["read_deit_log", "read_timm_summary", "is_deit_record", "is_timm_summary_header"]
 
@@ -73,11 +71,7 @@ def read_deit_log(path: Path, lines: list[str], mapping: dict | None) -> Reading
 
 
 def read_timm_summary(path: Path, mapping: dict | None) -> Reading:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot be read as CSV ({e})") from e
-    rows = [(i + 2, {str(k).strip(): v for k, v in rec.items()}) for i, rec in enumerate(df.to_dict("records"))]
+    rows, _ = csv_rows(path)
     notes: list[str] = []
     rows, _ = _percent(rows, notes)
     r = rows_to_reading(rows, "row", mapping)

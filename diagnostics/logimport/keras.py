@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from .reading import Reading
-from .tables import rows_to_reading
+from .tables import csv_rows, rows_to_reading
 from .text import read_text
 
 __all__ = ["read_keras_csv", "read_keras_stdout", "is_keras_header", "is_keras_stdout"]
@@ -34,14 +32,9 @@ def is_keras_stdout(head: str) -> bool:
 
 
 def read_keras_csv(path: Path, mapping: dict | None) -> Reading:
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot be read as CSV ({e})") from e
-    records = [{str(k).strip(): v for k, v in rec.items()} for rec in df.to_dict("records")]
-    numbered = "epoch" not in {str(c).strip() for c in df.columns}
-    rows = [(i + 2, ({"epoch": str(i)} if numbered else {}) | rec) for i, rec in enumerate(records)]
+    rows, columns = csv_rows(path)
+    numbered = "epoch" not in columns
+    rows = [(line, ({"epoch": str(i)} if numbered else {}) | rec) for i, (line, rec) in enumerate(rows)]
     r = rows_to_reading(rows, "row", mapping)
     r.format = "keras-csv"
     r.notes.append("each row is an epoch" + (" (no epoch column: rows numbered from 0, as Keras' CSVLogger numbers "

@@ -17,11 +17,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from .aliases import SPLIT_WORDS, normalise, resolve, resolve_index
 from .reading import Reading
-from .tables import rows_to_reading
+from .tables import csv_rows, rows_to_reading
 
 __all__ = ["read_lightning_csv", "is_lightning_header", "bare_split"]
 
@@ -62,12 +60,8 @@ def bare_split(col: str, rows: list[dict]) -> tuple[str, str]:
 
 
 def read_lightning_csv(path: Path, mapping: dict | None) -> Reading:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot be read as CSV ({e})") from e
-    raw = [{str(k).strip(): v for k, v in rec.items()} for rec in df.to_dict("records")]
-    columns = [str(c).strip() for c in df.columns]
+    rows, columns = csv_rows(path)
+    raw = [rec for _, rec in rows]
     rename, notes = {}, []
     stepwise = {c[: -len("_step")] for c in columns if c.endswith("_step")}
     for c in columns:

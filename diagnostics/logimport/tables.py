@@ -84,15 +84,21 @@ def rows_to_reading(rows: list[tuple[int, dict]], unit: str, mapping: dict | Non
     return r
 
 
-def read_csv(path: Path, mapping: dict | None) -> Reading:
-    """Rows of a CSV (or TSV, by its extension) with a header line."""
+def csv_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """A CSV (or TSV, by its extension) with a header line: its rows as (file line, {column: text}) and its
+    column names, stripped; cells stay text (empty where a sparse logger left them blank)."""
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot be read as CSV ({e})") from e
     rows = [(i + 2, {str(k).strip(): v for k, v in rec.items()}) for i, rec in enumerate(df.to_dict("records"))]
-    return rows_to_reading(rows, "row", mapping)
+    return rows, [str(c).strip() for c in df.columns]
+
+
+def read_csv(path: Path, mapping: dict | None) -> Reading:
+    """Rows of a CSV (or TSV, by its extension) with a header line."""
+    return rows_to_reading(csv_rows(path)[0], "row", mapping)
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict:
