@@ -50,9 +50,9 @@ from dcal_studies.verdicts import combine, flip, format_measured, judge, report
 from diagnostics.doctor import COLLAPSE_FRACTION
 from diagnostics.weights import weight_sum_sq
 
-SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-epochs = pd.read_csv(SEED / "seed_run_epochs.csv").set_index("epoch")
+PREDECESSOR = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+epochs = pd.read_csv(PREDECESSOR / "seed_run_epochs.csv").set_index("epoch")
 print("source:", facts["source"])
 
 # %% [markdown]
@@ -140,28 +140,28 @@ assert wide.loc[512, "linear"] == 5e-4
 # steps per epoch, 100 epochs, with the seed's 5 warm-up epochs and without; and the linear rule it replaced.
 
 # %%
-seed_cfg = apply_overrides(preset("cub_deit_tiny"), ["train.batch_size=2", "train.grad_accum_steps=8",
+predecessor_cfg = apply_overrides(preset("cub_deit_tiny"), ["train.batch_size=2", "train.grad_accum_steps=8",
                                                      "train.lr_rule=sqrt"])
 STEPS_PER_EPOCH_CUB = 5994 // 2 // 8
-sched = {"sqrt, 5 warm-up epochs": dry_run_lr(seed_cfg, STEPS_PER_EPOCH_CUB),
-         "sqrt, no warm-up": dry_run_lr(apply_overrides(seed_cfg, ["train.warmup_epochs=0"]), STEPS_PER_EPOCH_CUB),
-         "linear, 5 warm-up epochs": dry_run_lr(apply_overrides(seed_cfg, ["train.lr_rule=linear"]), STEPS_PER_EPOCH_CUB)}
+sched = {"sqrt, 5 warm-up epochs": dry_run_lr(predecessor_cfg, STEPS_PER_EPOCH_CUB),
+         "sqrt, no warm-up": dry_run_lr(apply_overrides(predecessor_cfg, ["train.warmup_epochs=0"]), STEPS_PER_EPOCH_CUB),
+         "linear, 5 warm-up epochs": dry_run_lr(apply_overrides(predecessor_cfg, ["train.lr_rule=linear"]), STEPS_PER_EPOCH_CUB)}
 diagnostics.plot_lr_schedule(sched, warmup_steps=5 * STEPS_PER_EPOCH_CUB, reference_lr=lr_linear, log_scale=True)
 
 # %% tags=["exact-numbers"]
 warm = np.array(sched["sqrt, 5 warm-up epochs"])
-SEED_STEPS = round(run["epochs_logged"] * run["micro_batches_per_epoch"] / run["accumulation"])  # 15 × 374.5
-SEED_SUM_LR = sum(warmup_cosine(k, total_steps=round(run["epochs_planned"] * run["micro_batches_per_epoch"] / run["accumulation"]),
-                                warmup_steps=0, peak=opt_facts["lr"], floor=0.0) for k in range(SEED_STEPS))
-spent = int(np.argmax(np.cumsum(warm) > SEED_SUM_LR))
+PREDECESSOR_STEPS = round(run["epochs_logged"] * run["micro_batches_per_epoch"] / run["accumulation"])  # 15 × 374.5
+PREDECESSOR_SUM_LR = sum(warmup_cosine(k, total_steps=round(run["epochs_planned"] * run["micro_batches_per_epoch"] / run["accumulation"]),
+                                warmup_steps=0, peak=opt_facts["lr"], floor=0.0) for k in range(PREDECESSOR_STEPS))
+spent = int(np.argmax(np.cumsum(warm) > PREDECESSOR_SUM_LR))
 print(f"{len(warm)} steps; first lr {warm[0]:.2g}, peak {warm.max():g} at step {warm.argmax()}, last {warm[-1]:g}")
-print(f"Σlr over the first 15 epochs: {warm[:SEED_STEPS].sum():.3g} with the sqrt rule and warm-up, {SEED_SUM_LR:.3g} in the "
-      f"seed's run ({warm[:SEED_STEPS].sum() / SEED_SUM_LR:.0f}×); the sqrt schedule spends the seed's 15-epoch Σlr by "
+print(f"Σlr over the first 15 epochs: {warm[:PREDECESSOR_STEPS].sum():.3g} with the sqrt rule and warm-up, {PREDECESSOR_SUM_LR:.3g} in the "
+      f"seed's run ({warm[:PREDECESSOR_STEPS].sum() / PREDECESSOR_SUM_LR:.0f}×); the sqrt schedule spends the seed's 15-epoch Σlr by "
       f"step {spent} (epoch {spent / STEPS_PER_EPOCH_CUB:.1f})")
 assert len(warm) == 100 * STEPS_PER_EPOCH_CUB
 assert math.isclose(warm[0], 5e-4 / (5 * STEPS_PER_EPOCH_CUB)) and warm.argmax() == 5 * STEPS_PER_EPOCH_CUB - 1
 assert math.isclose(warm.max(), 5e-4) and sched["sqrt, no warm-up"][0] == 5e-4
-assert abs(SEED_SUM_LR - epochs["w_sa"].iloc[-1]) < 0.05 * SEED_SUM_LR  # the log's w moves ≈ lr per step (notebook 04)
+assert abs(PREDECESSOR_SUM_LR - epochs["w_sa"].iloc[-1]) < 0.05 * PREDECESSOR_SUM_LR  # the log's w moves ≈ lr per step (notebook 04)
 
 # %% [markdown]
 # Five warm-up epochs start at 2.7e-7 and reach the peak after 1 870 steps. Over the 15 epochs the seed ran, the
@@ -234,9 +234,9 @@ SEEDS, LONG_SEEDS = (0, 1, 2), (0, 1)
 SA_ONLY = apply_overrides(preset("demo"), ["model.glca=false", "model.pwca=false"])
 P_SA = sum(p.numel() for p in model_from_config(SA_ONLY, 10).parameters())
 CLIP = opt_facts["clip_grad_norm"] * math.sqrt(P_SA / (run["parameters_millions"] * 1e6))
-grid = pd.DataFrame({"lr": LRS, f"Σlr at {SHORT} steps / seed's 15 epochs": {k: SHORT * v / SEED_SUM_LR for k, v in LRS.items()},
-                     f"Σlr at {STEPS} steps / seed's 15 epochs": {k: STEPS * v / SEED_SUM_LR for k, v in LRS.items()}})
-print(f"SA-only parameters {P_SA / 1e6:.3g} M, clip {CLIP:.3g}; the seed's Σlr over 15 epochs {SEED_SUM_LR:.3g}")
+grid = pd.DataFrame({"lr": LRS, f"Σlr at {SHORT} steps / seed's 15 epochs": {k: SHORT * v / PREDECESSOR_SUM_LR for k, v in LRS.items()},
+                     f"Σlr at {STEPS} steps / seed's 15 epochs": {k: STEPS * v / PREDECESSOR_SUM_LR for k, v in LRS.items()}})
+print(f"SA-only parameters {P_SA / 1e6:.3g} M, clip {CLIP:.3g}; the seed's Σlr over 15 epochs {PREDECESSOR_SUM_LR:.3g}")
 grid.map("{:.2g}".format)
 
 
@@ -338,18 +338,18 @@ assert acc_short.mean()["adam_l2", "32×"] < 0.2 and norm_short.mean()["adam_l2"
 # same at 94× on the 3-branch DCAL.
 
 # %%
-seed_lr = np.array([warmup_cosine(k, total_steps=round(run["epochs_planned"] * run["micro_batches_per_epoch"] / run["accumulation"]),
-                                  warmup_steps=0, peak=opt_facts["lr"], floor=0.0) for k in range(SEED_STEPS)])
-seed_sum_lr = pd.Series({e: float(seed_lr[:round(e * SEED_STEPS / run["epochs_logged"])].sum()) for e in epochs.index})
-seed_train = epochs["train_acc_sa"] / epochs["train_acc_sa"].max()
+predecessor_lr = np.array([warmup_cosine(k, total_steps=round(run["epochs_planned"] * run["micro_batches_per_epoch"] / run["accumulation"]),
+                                  warmup_steps=0, peak=opt_facts["lr"], floor=0.0) for k in range(PREDECESSOR_STEPS)])
+predecessor_sum_lr = pd.Series({e: float(predecessor_lr[:round(e * PREDECESSOR_STEPS / run["epochs_logged"])].sum()) for e in epochs.index})
+predecessor_train = epochs["train_acc_sa"] / epochs["train_acc_sa"].max()
 val = facts["validation_top1_pct"]
-seed_val = pd.Series({e: val[e] / val[5] for e in (5, 10, 15)})
+predecessor_val = pd.Series({e: val[e] / val[5] for e in (5, 10, 15)})
 long_runs = {(name, seed): g.set_index("step")["acc_sa"] for (opt, name, seed), g in sweep.groupby(["optimizer", "lr", "seed"])
              if opt == "adam_l2" and seed in LONG_SEEDS and name in ("1×", "√32×")}
 fig = Figure(figsize=(6.5, 3.4), layout="constrained")
 ax = fig.subplots()
-ax.plot(seed_sum_lr, seed_train, color="black", marker="s", ms=3, label="seed: train acc / best (per epoch)")
-ax.plot(seed_sum_lr[seed_val.index], seed_val, color="black", ls="none", marker="*", ms=10, label="seed: validation / epoch 5")
+ax.plot(predecessor_sum_lr, predecessor_train, color="black", marker="s", ms=3, label="seed: train acc / best (per epoch)")
+ax.plot(predecessor_sum_lr[predecessor_val.index], predecessor_val, color="black", ls="none", marker="*", ms=10, label="seed: validation / epoch 5")
 for (name, seed), acc in long_runs.items():
     ax.plot(acc.index * LRS[name], acc / acc.max(), color={"1×": "tab:blue", "√32×": "tab:orange"}[name], marker="o", ms=3,
             alpha=0.8, label=f"adam_l2 {name} here" if seed == 0 else None)
@@ -360,12 +360,12 @@ fig
 
 # %%
 # `fall_at` (dcal_studies.curves): Σlr at the best point, and at the first point after it below half the best.
-seed_peak, seed_fall = fall_at(seed_sum_lr, seed_train)
+predecessor_peak, predecessor_fall = fall_at(predecessor_sum_lr, predecessor_train)
 sqrt_runs = [acc for (name, _), acc in long_runs.items() if name == "√32×"]
 ours = pd.DataFrame([fall_at(acc.index.to_series() * LRS["√32×"], acc) for acc in sqrt_runs], columns=["peak", "fall"])
 EVAL_SUM_LR = 10 * LRS["√32×"]  # Σlr between two evaluations of the √32× arm: the resolution of its peak and fall
-print(f"seed (train accuracy per epoch): peak at Σlr {seed_peak:.3f}, below half its best by Σlr {seed_fall:.3f}; "
-      f"validation below half by Σlr {seed_sum_lr[10]:.3f} (epoch 10)")
+print(f"seed (train accuracy per epoch): peak at Σlr {predecessor_peak:.3f}, below half its best by Σlr {predecessor_fall:.3f}; "
+      f"validation below half by Σlr {predecessor_sum_lr[10]:.3f} (epoch 10)")
 print(f"√32× here: peak at Σlr {format_measured(ours['peak'].mean(), max(ours['peak'].std(), EVAL_SUM_LR))}, below half by "
       f"Σlr {format_measured(ours['fall'].mean(), max(ours['fall'].std(), EVAL_SUM_LR))}; final / best at {STEPS} steps "
       f"{format_measured(np.mean([a.iloc[-1] / a.max() for a in sqrt_runs]), 0.01)}")
@@ -400,17 +400,17 @@ def better(claim, a, b, acc, step, threshold=BETTER):
                  budget=f"{step} steps × {seeds} seeds")
 
 
-def log2_ratio(claim, values, seed_value):
+def log2_ratio(claim, values, predecessor_value):
     spread = max(values.std(), EVAL_SUM_LR) / values.mean() / math.log(2)
-    return judge(claim, abs(math.log2(values.mean() / seed_value)), SAME_SUM_LR, holds_if="<", spread=spread,
-                 quantity=f"|log₂(Σlr here / seed's {seed_value:.3f})|")
+    return judge(claim, abs(math.log2(values.mean() / predecessor_value)), SAME_SUM_LR, holds_if="<", spread=spread,
+                 quantity=f"|log₂(Σlr here / seed's {predecessor_value:.3f})|")
 
 
 moves = [better(f"in the seed's optimiser, √32× beats 1× at {SHORT} steps", ("adam_l2", "√32×"), ("adam_l2", "1×"), acc_short, SHORT),
          better(f"in the seed's optimiser, 1× beats √32× at {STEPS} steps", ("adam_l2", "1×"), ("adam_l2", "√32×"), acc_long, STEPS)]
-at_seed_sum_lr = [log2_ratio("in the seed's optimiser at 36× its LR, accuracy peaks at the seed's Σlr", ours["peak"], seed_peak),
+at_predecessor_sum_lr = [log2_ratio("in the seed's optimiser at 36× its LR, accuracy peaks at the seed's Σlr", ours["peak"], predecessor_peak),
                   log2_ratio("in the seed's optimiser at 36× its LR, accuracy falls below half at the seed's Σlr", ours["fall"],
-                             seed_fall)]
+                             predecessor_fall)]
 aw_32_ahead = better(f"in AdamW, the seed's 32× is ahead of 1× in a short run ({SHORT} steps)", ("adamw", "32×"),
                      ("adamw", "1×"), acc_short, SHORT, threshold=AHEAD)
 final_best = pd.Series([a.iloc[-1] / a.max() for a in sqrt_runs])
@@ -422,7 +422,7 @@ verdicts = [
     better("the sqrt rule's 32× LR trains better, in the seed's optimiser (Adam + L2 + clipping)", ("adam_l2", "32×"),
            ("adam_l2", "1×"), acc_short, SHORT).expect("refuted"),
     combine("in the seed's optimiser the best LR moves down as the budget grows", moves).expect("confirmed"),
-    combine("in the seed's optimiser at 36× its LR, the rise-then-fall sits at the seed's Σlr", at_seed_sum_lr).expect("confirmed"),
+    combine("in the seed's optimiser at 36× its LR, the rise-then-fall sits at the seed's Σlr", at_predecessor_sum_lr).expect("confirmed"),
     judge("the collapse needs bugs in attention or loss weighting (FIXES_SUMMARY's root cause)", final_best.mean(),
           COLLAPSE_FRACTION, spread=max(final_best.std(), RESOLUTION),
           quantity=f"final / best of an SA-only ViT (no GLCA, PWCA or loss weighting), √32×, {STEPS} steps, 2 seeds"
@@ -436,7 +436,7 @@ verdicts = [
           quantity="distinct LRs for batch 8/16/32").expect("confirmed"),
 ]
 print(report(verdicts))
-print(report(moves + at_seed_sum_lr))
+print(report(moves + at_predecessor_sum_lr))
 
 # %% [markdown]
 # AdamW's 32× ahead of 1× at 30 steps is near the "trains better" margin: judged against 0.1 instead of 0 the same

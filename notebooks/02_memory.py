@@ -69,9 +69,9 @@ from dcal_studies.verdicts import (
 )
 
 GiB, MiB, KiB = 2**30, 2**20, 2**10
-SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-log_text = (SEED / "train_log.txt").read_text()
+PREDECESSOR = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+log_text = (PREDECESSOR / "train_log.txt").read_text()
 run, oom = facts["run"], facts["oom"]
 print("source:", facts["source"])
 
@@ -168,8 +168,8 @@ assert rounded / MiB == oom["tried_to_allocate_mib"]
 
 # %%
 with torch.device("meta"):
-    seed_model = PredecessorDCAL(run["img_size"], run["num_classes"], **VIT_B16)
-n_params = sum(p.numel() for p in seed_model.parameters())
+    predecessor_model = PredecessorDCAL(run["img_size"], run["num_classes"], **VIT_B16)
+n_params = sum(p.numel() for p in predecessor_model.parameters())
 print(f"PredecessorDCAL at ViT-B/16, {run['img_size']} px, {run['num_classes']} classes: {n_params / 1e6:.2f}M "
       f"parameters; the log: {run['parameters_millions']}M")
 assert round(n_params / 1e6, 2) == run["parameters_millions"]
@@ -355,12 +355,12 @@ assert g_max < 1e-4 * graph_kept
 
 # %%
 x2 = (2, 3, run["img_size"], run["img_size"])
-seed_b2 = diagnostics.predict_step_memory(seed_model, (x2, x2), loss_fn=PredecessorLoss(),
+predecessor_b2 = diagnostics.predict_step_memory(predecessor_model, (x2, x2), loss_fn=PredecessorLoss(),
                                           optimizer=predecessor_optimizer, amp_dtype=torch.float16,
                                           grad_accum_steps=8, target="cuda")
-after_b2 = seed_b2.train["forward"].peak_bytes / GiB + kept_maps  # upper bound: the forward with the maps alive
-worst_b2 = max(seed_b2.peak_bytes / GiB, after_b2)
-print(f"batch 2 × 8: ordinary step {seed_b2.peak_bytes / GiB:.2f} GiB, first step after an evaluation "
+after_b2 = predecessor_b2.train["forward"].peak_bytes / GiB + kept_maps  # upper bound: the forward with the maps alive
+worst_b2 = max(predecessor_b2.peak_bytes / GiB, after_b2)
+print(f"batch 2 × 8: ordinary step {predecessor_b2.peak_bytes / GiB:.2f} GiB, first step after an evaluation "
       f"≤ {after_b2:.2f} GiB; worst + the OOM's fragmentation {worst_b2 + fragmented:.2f} GiB vs usable {usable:.2f} GiB")
 
 # %% [markdown]

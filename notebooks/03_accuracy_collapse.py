@@ -54,9 +54,9 @@ from dcal_studies.verdicts import combine, flip, format_measured, judge, report
 from diagnostics.doctor import COLLAPSE_FRACTION
 from diagnostics.weights import DecayDominanceCallback, magnitude_quantiles, share_below
 
-SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-epochs = pd.read_csv(SEED / "seed_run_epochs.csv").set_index("epoch")
+PREDECESSOR = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+epochs = pd.read_csv(PREDECESSOR / "seed_run_epochs.csv").set_index("epoch")
 print("source:", facts["source"])
 
 # %% [markdown]
@@ -71,27 +71,27 @@ epochs[["lr", "train_loss_sa", "train_acc_sa", "val_top1_pct"]]
 
 # %% tags=["exact-numbers"]
 val = facts["validation_top1_pct"]
-LN_C_SEED = math.log(facts["run"]["num_classes"])
+LN_C_PREDECESSOR = math.log(facts["run"]["num_classes"])
 low_epoch, top_epoch = int(epochs["train_loss_sa"].idxmin()), int(epochs["train_acc_sa"].idxmax())
-seed_rise = epochs["train_loss_sa"].iloc[-1] - epochs["train_loss_sa"].min()  # nats
+predecessor_rise = epochs["train_loss_sa"].iloc[-1] - epochs["train_loss_sa"].min()  # nats
 print(f"train SA loss lowest at epoch {low_epoch}, train SA accuracy highest at epoch {top_epoch}; then the loss rises "
-      f"by {seed_rise:.3f} nats = {seed_rise / LN_C_SEED:.3f} ln C to epoch 15 while the LR stays at "
+      f"by {predecessor_rise:.3f} nats = {predecessor_rise / LN_C_PREDECESSOR:.3f} ln C to epoch 15 while the LR stays at "
       f"{epochs['lr'].min()}–{epochs['lr'].max()}")
 print(f"validation top-1: {val[5]} % (epoch 5) → {val[10]} % → {val[15]} % (epoch 15); "
       f"final / best = {val[15] / val[5]:.3f}; chance {100 / facts['run']['num_classes']} %")
 assert low_epoch == top_epoch == 4 and (val[5], val[15]) == (15.38, 1.17)
-assert epochs["lr"].is_monotonic_decreasing and seed_rise > 0.2
+assert epochs["lr"].is_monotonic_decreasing and predecessor_rise > 0.2
 
 # %% [markdown]
 # The model learned for four epochs and then unlearned, at a flat LR, with no NaN in the log; it ended at 2.3× chance,
 # not at chance. The run doctor reads the log as it is (`diagnostics.diagnose` on the text file) and says so:
 
 # %%
-seed_findings = {f.code: f for f in diagnostics.diagnose(SEED / "train_log.txt", num_classes=200)}
-print(sorted(seed_findings))
-print(seed_findings["loss-rising"].message)
-assert {"loss-rising", "accuracy-collapse"} <= set(seed_findings) and "nonfinite" not in seed_findings
-assert "coupled-weight-decay" not in seed_findings  # a text log does not say which optimiser ran
+predecessor_findings = {f.code: f for f in diagnostics.diagnose(PREDECESSOR / "train_log.txt", num_classes=200)}
+print(sorted(predecessor_findings))
+print(predecessor_findings["loss-rising"].message)
+assert {"loss-rising", "accuracy-collapse"} <= set(predecessor_findings) and "nonfinite" not in predecessor_findings
+assert "coupled-weight-decay" not in predecessor_findings  # a text log does not say which optimiser ran
 
 # %% [markdown]
 # ## The seed's conditions, scaled to a CPU
@@ -111,32 +111,32 @@ assert "coupled-weight-decay" not in seed_findings  # a text log does not say wh
 
 # %%
 run, opt_facts = facts["run"], facts["optimizer"]
-SEED_STEPS_PER_EPOCH = run["micro_batches_per_epoch"] / run["accumulation"]  # 374.5
-SEED_STEPS = round(run["epochs_logged"] * SEED_STEPS_PER_EPOCH)
-SEED_TOTAL = round(run["epochs_planned"] * SEED_STEPS_PER_EPOCH)
-seed_lr = np.array([warmup_cosine(k, total_steps=SEED_TOTAL, warmup_steps=0, peak=opt_facts["lr"], floor=0.0)
-                    for k in range(SEED_STEPS)])
-SUM_LR = float(seed_lr.sum())
+PREDECESSOR_STEPS_PER_EPOCH = run["micro_batches_per_epoch"] / run["accumulation"]  # 374.5
+PREDECESSOR_STEPS = round(run["epochs_logged"] * PREDECESSOR_STEPS_PER_EPOCH)
+PREDECESSOR_TOTAL = round(run["epochs_planned"] * PREDECESSOR_STEPS_PER_EPOCH)
+predecessor_lr = np.array([warmup_cosine(k, total_steps=PREDECESSOR_TOTAL, warmup_steps=0, peak=opt_facts["lr"], floor=0.0)
+                    for k in range(PREDECESSOR_STEPS)])
+SUM_LR = float(predecessor_lr.sum())
 STEPS, STEPS_PER_EPOCH, C = 60, 10, 10  # 160 training images at batch 16: an evaluation every 10 steps
 LR = SUM_LR / STEPS
-P_SEED = run["parameters_millions"] * 1e6
+P_PREDECESSOR = run["parameters_millions"] * 1e6
 demo = apply_overrides(preset("demo"), [f"data.synthetic={{num_classes: {C}}}"])
 shipped = model_from_config(demo, C)  # the shipped pretrained backbone + new heads
 P_OURS = sum(p.numel() for p in shipped.parameters())
-CLIP = opt_facts["clip_grad_norm"] * math.sqrt(P_OURS / P_SEED)
+CLIP = opt_facts["clip_grad_norm"] * math.sqrt(P_OURS / P_PREDECESSOR)
 w_logged = epochs["w_sa"].iloc[-1]  # Adam moves w by ≈ lr per step (notebook 04): the log's own Σlr meter
 conditions = pd.DataFrame({
-    "seed (log, code 9b6147a)": [f"{run['parameters_millions']} M", opt_facts["clip_grad_norm"], SEED_STEPS,
-                                 format_measured(SUM_LR), format_measured(SUM_LR / SEED_STEPS), run["batch_effective"],
+    "seed (log, code 9b6147a)": [f"{run['parameters_millions']} M", opt_facts["clip_grad_norm"], PREDECESSOR_STEPS,
+                                 format_measured(SUM_LR), format_measured(SUM_LR / PREDECESSOR_STEPS), run["batch_effective"],
                                  run["num_classes"]],
     "here": [f"{P_OURS / 1e6:.3g} M", format_measured(CLIP), STEPS, format_measured(SUM_LR), format_measured(LR), 16, C]},
     index=["parameters", "clip (total norm)", "optimiser steps", "Σlr", "lr (mean)", "global batch", "classes"])
 conditions
 
 # %%
-print(f"per-weight RMS gradient bound: seed {opt_facts['clip_grad_norm'] / math.sqrt(P_SEED):.2e}, "
+print(f"per-weight RMS gradient bound: seed {opt_facts['clip_grad_norm'] / math.sqrt(P_PREDECESSOR):.2e}, "
       f"here {CLIP / math.sqrt(P_OURS):.2e}; Σlr {SUM_LR:.3g} vs the logged w_SA at epoch 15: {w_logged}")
-assert math.isclose(CLIP / math.sqrt(P_OURS), 1 / math.sqrt(P_SEED))
+assert math.isclose(CLIP / math.sqrt(P_OURS), 1 / math.sqrt(P_PREDECESSOR))
 assert abs(SUM_LR - w_logged) < 0.05 * SUM_LR  # the log's w agrees with the Σlr we keep
 
 # %% [markdown]
@@ -333,13 +333,13 @@ assert l2["Σθ² end / step 1"].max() < nc["Σθ² end / step 1"].min() and nc[
 # 01 shows the same on an SA-only ViT at a third LR (√32×, 36× the seed's): peak and fall at the seed's Σlr too.
 
 # %%
-seed_sum_lr = pd.Series({e: float(seed_lr[:round(e * SEED_STEPS_PER_EPOCH)].sum()) for e in epochs.index})
-seed_train = epochs["train_acc_sa"] / epochs["train_acc_sa"].max()
-seed_val = pd.Series({e: val[e] / val[5] for e in (5, 10, 15)})
+predecessor_sum_lr = pd.Series({e: float(predecessor_lr[:round(e * PREDECESSOR_STEPS_PER_EPOCH)].sum()) for e in epochs.index})
+predecessor_train = epochs["train_acc_sa"] / epochs["train_acc_sa"].max()
+predecessor_val = pd.Series({e: val[e] / val[5] for e in (5, 10, 15)})
 fig = Figure(figsize=(6.5, 3.4), layout="constrained")
 ax = fig.subplots()
-ax.plot(seed_sum_lr, seed_train, color="black", marker="s", ms=3, label="seed: train acc / best (per epoch)")
-ax.plot(seed_sum_lr[seed_val.index], seed_val, color="black", ls="none", marker="*", ms=10,
+ax.plot(predecessor_sum_lr, predecessor_train, color="black", marker="s", ms=3, label="seed: train acc / best (per epoch)")
+ax.plot(predecessor_sum_lr[predecessor_val.index], predecessor_val, color="black", ls="none", marker="*", ms=10,
         label="seed: validation / epoch 5")
 for (arm, seed), r in runs.items():
     if arm == "adam_l2":
@@ -352,11 +352,11 @@ fig
 
 # %%
 # `fall_at` (dcal_studies.curves): Σlr at the best point, and at the first point after it below half the best.
-seed_peak, seed_fall = fall_at(seed_sum_lr, seed_train)
+predecessor_peak, predecessor_fall = fall_at(predecessor_sum_lr, predecessor_train)
 ours = pd.DataFrame([fall_at(r.evals.set_index("step").index.to_series() * LR, r.evals.set_index("step")[ACC])
                      for (arm, _), r in runs.items() if arm == "adam_l2"], columns=["peak", "fall"])
-print(f"seed (train accuracy): peak at Σlr {seed_peak:.3f}, below half its best by Σlr {seed_fall:.3f}; validation "
-      f"below half by Σlr {seed_sum_lr[10]:.3f} (epoch 10)")
+print(f"seed (train accuracy): peak at Σlr {predecessor_peak:.3f}, below half its best by Σlr {predecessor_fall:.3f}; validation "
+      f"below half by Σlr {predecessor_sum_lr[10]:.3f} (epoch 10)")
 print(f"adam_l2 here: peak at Σlr {format_measured(ours['peak'].mean(), max(ours['peak'].std(), 10 * LR))}, below half "
       f"by Σlr {format_measured(ours['fall'].mean(), max(ours['fall'].std(), 10 * LR))} (evaluations every {10 * LR:.3f})")
 
@@ -502,7 +502,7 @@ v_clip_run = judge("without the clip, the same Adam + coupled L2 keeps what it l
                    d_nc, HELPS, spread=s_nc, quantity="Δ final accuracy, no clip − adam_l2 (2 and 3 seeds)")
 v_nc_erodes = judge("without the clip, coupled L2 still erodes the weights", nc["Σθ² end / step 1"].mean(), ERODES,
                     holds_if="<", spread=spread(nc["Σθ² end / step 1"]), quantity="Σθ² end / step 1 (no clip, 2 seeds)")
-fall_ratio = np.log2(ours["fall"] / seed_fall)
+fall_ratio = np.log2(ours["fall"] / predecessor_fall)
 v_sum_lr = judge("the fall happens at the seed's Σlr (15 epochs compressed into 60 steps)", abs(fall_ratio.mean()),
                  SAME_SUM_LR, holds_if="<", spread=max(ours["fall"].std(), 10 * LR) / ours["fall"].mean() / math.log(2),
                  quantity="|log₂(Σlr below half, here / seed)|")
@@ -544,11 +544,11 @@ print(flip(v_clip_run, judge(v_clip_run.claim, d0, HELPS, spread=s0, quantity="�
 # Σlr.
 
 # %%
-seed_col = {"rise, then fall": f"train acc best at epoch {top_epoch} of 15; val {val[5]} % → {val[15]} %",
+predecessor_col = {"rise, then fall": f"train acc best at epoch {top_epoch} of 15; val {val[5]} % → {val[15]} %",
             "best at (share of the run)": f"{top_epoch / run['epochs_logged']:.2f} (train)",
             "final / best": f"{val[15] / val[5]:.2f} (val)",
-            "Σlr at the peak / below half": f"{seed_peak:.3f} / {seed_fall:.3f} (train)",
-            "training loss rise after its low": f"{seed_rise:.2f} nats = {seed_rise / LN_C_SEED:.3f} ln C (SA)",
+            "Σlr at the peak / below half": f"{predecessor_peak:.3f} / {predecessor_fall:.3f} (train)",
+            "training loss rise after its low": f"{predecessor_rise:.2f} nats = {predecessor_rise / LN_C_PREDECESSOR:.3f} ln C (SA)",
             "LR during the fall": "flat (0.000016 → 0.000015)",
             "non-finite values": "none in the log"}
 here = {"rise, then fall": f"best {fmt(l2['best acc'])} → final {fmt(l2['final acc'])} (chance {1 / C})",
@@ -559,7 +559,7 @@ here = {"rise, then fall": f"best {fmt(l2['best acc'])} → final {fmt(l2['final
         "training loss rise after its low": f"{fmt(l2['loss rise (nats)'])} nats = {fmt(l2['loss rise / ln C'])} ln C (SA); "
                                             f"adamw {fmt(aw['loss rise / ln C'])} ln C",
         "LR during the fall": "flat", "non-finite values": "none (checked every step)"}
-pd.DataFrame({"seed (CUB, ViT-B, C = 200)": seed_col, "here: adam_l2, 3 seeds (toy, C = 10)": here})
+pd.DataFrame({"seed (CUB, ViT-B, C = 200)": predecessor_col, "here: adam_l2, 3 seeds (toy, C = 10)": here})
 
 # %% [markdown]
 # ## Summary

@@ -41,10 +41,10 @@ pd.set_option("display.width", 160)
 import dcal
 from dcal_studies.verdicts import combine, flip, judge, report
 
-SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-epochs = pd.read_csv(SEED / "seed_run_epochs.csv")
-log_text = (SEED / "train_log.txt").read_text()
+PREDECESSOR = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+epochs = pd.read_csv(PREDECESSOR / "seed_run_epochs.csv")
+log_text = (PREDECESSOR / "train_log.txt").read_text()
 BRANCHES = ("sa", "glca", "pwca")
 print("source:", facts["source"])
 
@@ -62,9 +62,9 @@ effective = pd.DataFrame(
     columns=[f"1/exp(w_{b})" for b in BRANCHES])
 assert len(effective) == len(epochs) == facts["run"]["epochs_logged"]
 W_COLS, L_COLS = [f"w_{b}" for b in BRANCHES], [f"train_loss_{b}" for b in BRANCHES]
-seed_table = pd.concat([epochs[["epoch", "lr", "train_total_loss"] + L_COLS + ["train_acc_sa"] + W_COLS],
+predecessor_table = pd.concat([epochs[["epoch", "lr", "train_total_loss"] + L_COLS + ["train_acc_sa"] + W_COLS],
                         effective], axis=1)
-seed_table
+predecessor_table
 
 # %% [markdown]
 # The run's optimiser settings (`facts.yaml`, from the code of commit 9b6147a that produced the log):
@@ -127,15 +127,15 @@ print(f"½·e^(−w) at epoch 15: {0.5 * math.exp(-Wg[-1, 0]):.2f}; raw w at epo
 # %%
 LR, N_EPOCHS = opt_facts["lr"], run["epochs_planned"]
 MICRO, ACCUM = run["micro_batches_per_epoch"], run["accumulation"]
-SEED_LOSSES = epochs[L_COLS].to_numpy()
+PREDECESSOR_LOSSES = epochs[L_COLS].to_numpy()
 
 
-def seed_lr(progress: float) -> float:
+def predecessor_lr(progress: float) -> float:
     """The seed's cosine schedule at `progress` epochs (0 at the start, no warm-up, to 0 at 100)."""
     return LR * 0.5 * (1 + math.cos(math.pi * progress / N_EPOCHS))
 
 
-printed = [round(seed_lr(e), 6) for e in epochs["epoch"]]  # the log prints the LR after each epoch's end
+printed = [round(predecessor_lr(e), 6) for e in epochs["epoch"]]  # the log prints the LR after each epoch's end
 assert printed == list(epochs["lr"]), printed
 
 
@@ -156,7 +156,7 @@ def step_plan(n_epochs: int, leftover: str) -> list[dict]:
     return plan
 
 
-def replay(losses=SEED_LOSSES, *, schedule="step", leftover="carry", optimizer=torch.optim.Adam,
+def replay(losses=PREDECESSOR_LOSSES, *, schedule="step", leftover="carry", optimizer=torch.optim.Adam,
            lr_scale=1.0, weight_decay=0.05, clip=1.0, init=0.0, bounds=None) -> dict:
     """The seed's optimiser on the uncertainty loss alone, given per-epoch branch losses.
 
@@ -184,7 +184,7 @@ def replay(losses=SEED_LOSSES, *, schedule="step", leftover="carry", optimizer=t
         w_end[last_epoch] = loss_fn.weights().detach().numpy()
         progress = taken / STEPS_PER_EPOCH if schedule == "step" else math.floor(taken / STEPS_PER_EPOCH)
         for group in opt.param_groups:
-            group["lr"] = seed_lr(progress) * lr_scale
+            group["lr"] = predecessor_lr(progress) * lr_scale
     return {"mean": w_sum / MICRO, "end": w_end, "steps": taken}
 
 
@@ -235,10 +235,10 @@ print(f"tolerance: 0.1 × {per_epoch_move:.4f} = {TOL:.2g}")
 fits
 
 # %%
-worst_seed_loop = fits.loc[fits["seed's loop"], "max |replay − log|"].max()
+worst_predecessor_loop = fits.loc[fits["seed's loop"], "max |replay − log|"].max()
 best_control = fits.loc[~fits["seed's loop"], "max |replay − log|"].min()
 v_replay = judge("Adam moves each w by ≈ lr per step: the replay predicts all 15 logged epochs",
-                 worst_seed_loop, TOL, holds_if="<", spread=ROUND,
+                 worst_predecessor_loop, TOL, holds_if="<", spread=ROUND,
                  quantity="worst max |replay − log| over the 4 readings").expect("confirmed")
 v_controls = judge("the match needs the seed's optimiser (no clipping / SGD / 2× LR / end-of-epoch w miss)",
                    best_control, TOL, holds_if=">", spread=ROUND,
@@ -270,9 +270,9 @@ lead.set_index("epoch").T
 # (ln 200), i.e. branches that learn nothing:
 
 # %%
-chance = replay(losses=np.full_like(SEED_LOSSES, math.log(run["num_classes"])))
+chance = replay(losses=np.full_like(PREDECESSOR_LOSSES, math.log(run["num_classes"])))
 learn_gap = np.abs(chance["mean"] - base["mean"]).max()
-sum_lr = sum(seed_lr(k / STEPS_PER_EPOCH) for k in range(base["steps"]))
+sum_lr = sum(predecessor_lr(k / STEPS_PER_EPOCH) for k in range(base["steps"]))
 print(f"w with the logged losses vs with chance losses: max |diff| {learn_gap:.4f}; "
       f"Σlr over the 15 epochs {sum_lr:.4f} vs w at the end {base['end'][-1].mean():.4f}")
 v_info = judge("the logged w reflect how well the branches learn", learn_gap, TOL, holds_if=">",
@@ -288,15 +288,15 @@ print(v_info)
 
 # %%
 w15 = base["end"][-1]
-eq15 = np.log(SEED_LOSSES[-1])
-lr15 = seed_lr(15)
+eq15 = np.log(PREDECESSOR_LOSSES[-1])
+lr15 = predecessor_lr(15)
 steps_needed = ((eq15 - w15) / lr15).min()
-sum_lr_100 = sum(seed_lr(k / STEPS_PER_EPOCH) for k in range(int(N_EPOCHS * STEPS_PER_EPOCH)))
+sum_lr_100 = sum(predecessor_lr(k / STEPS_PER_EPOCH) for k in range(int(N_EPOCHS * STEPS_PER_EPOCH)))
 print(f"end of epoch 15: w ≈ {w15.mean():.3f}, log L_i = {np.round(eq15, 2)}; at lr {lr15:.2g} per step: "
       f"≥ {steps_needed:.2g} steps = {steps_needed / STEPS_PER_EPOCH:.0f} epochs more")
-print(f"Σlr over all 100 epochs of the schedule: {sum_lr_100:.2f} < min log L_i = {np.log(SEED_LOSSES).min():.2f}")
+print(f"Σlr over all 100 epochs of the schedule: {sum_lr_100:.2f} < min log L_i = {np.log(PREDECESSOR_LOSSES).min():.2f}")
 v_eq = judge("w could reach its equilibrium log L_i within the seed's 100-epoch schedule", sum_lr_100,
-             float(np.log(SEED_LOSSES).min()), holds_if=">", quantity="Σlr over 100 epochs").expect("refuted")
+             float(np.log(PREDECESSOR_LOSSES).min()), holds_if=">", quantity="Σlr over 100 epochs").expect("refuted")
 print(v_eq)
 
 # %% [markdown]
@@ -326,7 +326,7 @@ print(v_bounds)
 # structure: the init lands on the copy, the optimised w still start at 0, and the copy gets no gradient.
 
 # %%
-class SeedLikeModel(torch.nn.Module):
+class PredecessorLikeModel(torch.nn.Module):
     """The seed's structure in miniature: the model carries a loss_weighting of its own."""
 
     def __init__(self):
@@ -335,7 +335,7 @@ class SeedLikeModel(torch.nn.Module):
         self.loss_weighting = dcal.UncertaintyLoss(3)  # a copy: no loss is computed with it
 
 
-model, criterion = SeedLikeModel(), dcal.UncertaintyLoss(3)  # criterion: what the training loss uses
+model, criterion = PredecessorLikeModel(), dcal.UncertaintyLoss(3)  # criterion: what the training loss uses
 if hasattr(model, "loss_weighting") and hasattr(model.loss_weighting, "log_vars"):  # fix 4, as written
     with torch.no_grad():
         model.loss_weighting.log_vars.data = torch.randn_like(model.loss_weighting.log_vars.data) * 0.1
@@ -415,7 +415,7 @@ print(report(verdicts))
 
 # %%
 W0_CHANCE = math.log(math.log(run["num_classes"]))
-dist_chance = float(np.abs(np.log(SEED_LOSSES) - W0_CHANCE).max())
+dist_chance = float(np.abs(np.log(PREDECESSOR_LOSSES) - W0_CHANCE).max())
 print(f"start log ln C = {W0_CHANCE:.2f}: farthest log L_i over the log {dist_chance:.2f} away; Σlr {sum_lr_100:.2f}")
 print(flip(v_eq, judge(v_eq.claim, sum_lr_100, dist_chance, holds_if=">", quantity="Σlr over 100 epochs"),
            "input: w initialised at log ln C instead of 0"))

@@ -77,10 +77,10 @@ from dcal_studies.verdicts import (
 
 WEIGHTS = PRETRAINED_DIR / "dcal_vit_p8_synth.safetensors"  # the project's own small pretrained backbone
 assert WEIGHTS.is_file(), f"{WEIGHTS} is missing: run `dcal pretrain`"
-SEED = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-epochs = pd.read_csv(SEED / "seed_run_epochs.csv")
-log_text = (SEED / "train_log.txt").read_text()
+PREDECESSOR = Path("seed_evidence")  # the seed's log, its per-epoch numbers and facts (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+epochs = pd.read_csv(PREDECESSOR / "seed_run_epochs.csv")
+log_text = (PREDECESSOR / "train_log.txt").read_text()
 print("source:", facts["source"])
 
 # %% [markdown]
@@ -107,8 +107,8 @@ print("source:", facts["source"])
 
 # %% tags=["exact-numbers"]
 BR = ("sa", "glca", "pwca")
-seed_branches = epochs[["epoch"] + [f"train_acc_{b}" for b in BR] + [f"train_loss_{b}" for b in BR]]
-seed_branches.head(6)
+predecessor_branches = epochs[["epoch"] + [f"train_acc_{b}" for b in BR] + [f"train_loss_{b}" for b in BR]]
+predecessor_branches.head(6)
 
 # %% [markdown]
 # Three readings of it, computed: (1) GLCA's train accuracy against SA's over the epochs before the run
@@ -118,18 +118,18 @@ seed_branches.head(6)
 # "SA accuracy is very low" warnings), so a printed fallback warning would be there too.
 
 # %%
-C_SEED = facts["run"]["num_classes"]
+C_PREDECESSOR = facts["run"]["num_classes"]
 early = epochs[epochs["epoch"] <= 5]
 glca_minus_sa = (early["train_acc_glca"] - early["train_acc_sa"]).to_numpy()
-drop = {b: np.log(C_SEED) - epochs.loc[epochs["epoch"] == 4, f"train_loss_{b}"].item() for b in BR}
-seed_pwca_pace = drop["pwca"] / drop["sa"]
-SEED_FALLBACK_WARNING = "NaN/Inf detected in attention rollout, using uniform scores"  # printed by 9b6147a's GLCA
-n_warnings = log_text.count(SEED_FALLBACK_WARNING)
+drop = {b: np.log(C_PREDECESSOR) - epochs.loc[epochs["epoch"] == 4, f"train_loss_{b}"].item() for b in BR}
+predecessor_pwca_pace = drop["pwca"] / drop["sa"]
+PREDECESSOR_FALLBACK_WARNING = "NaN/Inf detected in attention rollout, using uniform scores"  # printed by 9b6147a's GLCA
+n_warnings = log_text.count(PREDECESSOR_FALLBACK_WARNING)
 n_printed = log_text.count("WARNING: SA accuracy is very low")  # the control: train.py's own prints reached the log
 print(f"GLCA − SA train accuracy, epochs 1–5: min {glca_minus_sa.min():+.4f}, max {glca_minus_sa.max():+.4f}")
-print(f"loss below ln {C_SEED} at epoch 4: SA {drop['sa']:.3f}, GLCA {drop['glca']:.3f}, PWCA {drop['pwca']:.3f} "
-      f"(PWCA's pace = {seed_pwca_pace:.2f} of SA's)")
-print(f"'{SEED_FALLBACK_WARNING}' in the {len(log_text.splitlines())}-line log: {n_warnings}; "
+print(f"loss below ln {C_PREDECESSOR} at epoch 4: SA {drop['sa']:.3f}, GLCA {drop['glca']:.3f}, PWCA {drop['pwca']:.3f} "
+      f"(PWCA's pace = {predecessor_pwca_pace:.2f} of SA's)")
+print(f"'{PREDECESSOR_FALLBACK_WARNING}' in the {len(log_text.splitlines())}-line log: {n_warnings}; "
       f"the trainer's own 'SA accuracy is very low' warnings: {n_printed}")
 assert (glca_minus_sa >= 0).all() and n_warnings == 0 and n_printed > 0
 
@@ -458,7 +458,7 @@ def pwca_pace(folder: Path) -> float:
 
 
 paces = np.array([pwca_pace(folders["rollout", s]) for s in SEEDS])
-print(f"PWCA's pace of SA's: ours {fmt(paces)} (3 seeds, steps 25–36); the seed's {seed_pwca_pace:.2f} (epoch 4)")
+print(f"PWCA's pace of SA's: ours {fmt(paces)} (3 seeds, steps 25–36); the seed's {predecessor_pwca_pace:.2f} (epoch 4)")
 assert (paces < 1).all()  # PWCA (half its keys from another image) learns slower than SA, by design
 
 # %% [markdown]
@@ -591,7 +591,7 @@ def static_selection(sel: str) -> Verdict:
 
 
 at_ceiling = all(v >= CEILING for v in ABLATION_GLCA_ACC.values())
-v_seed_head = exact("in the seed's model (GLCA head reads CLS only) neither the torch.ones fallback nor the rollout "
+v_predecessor_head = exact("in the seed's model (GLCA head reads CLS only) neither the torch.ones fallback nor the rollout "
                     "can change a GLCA prediction", max(change["cls"].values()), INERT,
                     "max |Δ GLCA logits| over fallback, random and CLS-only queries").expect(CONFIRMED)
 v_static = static_selection("uniform").expect(CONFIRMED)
@@ -623,9 +623,9 @@ v_pwca_log = judge("PWCA was not working (its loss barely falls while SA's does)
                    holds_if="<", spread=max(float(paces.std(ddof=1)), RESOLUTION), reproduced=bool(paces.mean() <= PACE),
                    quantity="our PWCA pace of SA's", budget="36 steps, correct wiring").expect(NOT_REPRODUCED)
 v_warned = judge("the seed's run printed its rollout fallback's warning", n_warnings, 0.0,
-                 quantity=f"'{SEED_FALLBACK_WARNING}' lines in the log",
+                 quantity=f"'{PREDECESSOR_FALLBACK_WARNING}' lines in the log",
                  untestable="" if n_printed else "the log holds none of its trainer's printed lines").expect(REFUTED)
-verdicts = [v_seed_head, v_warned, v_static, v_acc_12, v_acc_36, v_gaze, v_harmless, v_early, v_random, v_part,
+verdicts = [v_predecessor_head, v_warned, v_static, v_acc_12, v_acc_36, v_gaze, v_harmless, v_early, v_random, v_part,
             v_mean, v_wiring, v_glca_log, v_pwca_log]
 print(report(verdicts))
 
@@ -635,7 +635,7 @@ print(report(verdicts))
 
 # %%
 print(flip(v_static, static_selection("rollout"), "input: the rollout runs instead of the fallback runs"))
-print(flip(v_seed_head, exact(v_seed_head.claim, min(change["mean (default)"].values()), INERT,
+print(flip(v_predecessor_head, exact(v_predecessor_head.claim, min(change["mean (default)"].values()), INERT,
                               "smallest max |Δ GLCA logits|, dcal's mean head"), "input: dcal's mean head"))
 
 # %% [markdown]
@@ -658,7 +658,7 @@ print(f"GLCA acc after 36 steps: rollout {fmt(at(36, 'rollout', 'acc_glca'))}, f
       f"{fmt(at(36, 'uniform', 'acc_glca'))}, random {fmt(at(36, 'random', 'acc_glca'))}")
 print(f"top-1 query on the part: rollout {fmt(at(36, 'rollout', 'part_hit_top1'))}, "
       f"fallback {fmt(at(36, 'uniform', 'part_hit_top1'))}")
-print(f"PWCA's pace of SA's: seed {seed_pwca_pace:.2f} (epoch 4), ours {fmt(paces)}")
+print(f"PWCA's pace of SA's: seed {predecessor_pwca_pace:.2f} (epoch 4), ours {fmt(paces)}")
 
 # %% [markdown]
 # ## Summary

@@ -85,22 +85,22 @@ from diagnostics import doctor
 
 # %%
 facts = yaml.safe_load(Path("seed_evidence/facts.yaml").read_text())  # the seed's run, with sources
-seed_run, seed_opt = facts["run"], facts["optimizer"]
-SEED_STEPS_PER_EPOCH = seed_run["micro_batches_per_epoch"] / seed_run["accumulation"]
-SUM_LR = sum(warmup_cosine(k, total_steps=round(seed_run["epochs_planned"] * SEED_STEPS_PER_EPOCH), warmup_steps=0,
-                           peak=seed_opt["lr"], floor=0.0)
-             for k in range(round(seed_run["epochs_logged"] * SEED_STEPS_PER_EPOCH)))
+predecessor_run, predecessor_opt = facts["run"], facts["optimizer"]
+PREDECESSOR_STEPS_PER_EPOCH = predecessor_run["micro_batches_per_epoch"] / predecessor_run["accumulation"]
+SUM_LR = sum(warmup_cosine(k, total_steps=round(predecessor_run["epochs_planned"] * PREDECESSOR_STEPS_PER_EPOCH), warmup_steps=0,
+                           peak=predecessor_opt["lr"], floor=0.0)
+             for k in range(round(predecessor_run["epochs_logged"] * PREDECESSOR_STEPS_PER_EPOCH)))
 C, STEPS = 10, 60
 DATA = [f"data.synthetic={{num_classes: {C}, train_per_class: 16, test_per_class: 10, seed: 0}}",
         "train.batch_size=16", f"train.epochs={STEPS // 10}", "train.progress=true", "train.save_best=false"]
 P_OURS = sum(p.numel() for p in model_from_config(apply_overrides(preset("demo"), DATA), C).parameters())
-CLIP = seed_opt["clip_grad_norm"] * math.sqrt(P_OURS / (seed_run["parameters_millions"] * 1e6))
+CLIP = predecessor_opt["clip_grad_norm"] * math.sqrt(P_OURS / (predecessor_run["parameters_millions"] * 1e6))
 HEALTHY = ["train.optimizer=adamw", "train.lr_rule=linear_per_gpu", "train.base_lr=5e-4", "train.min_lr=6.25e-5",
            "train.warmup_epochs=0", f"train.uncertainty_init={math.log(math.log(C))}"]
-SEED_CONDITIONS = ["train.optimizer=adam_l2", "train.weight_decay=0.05", f"train.clip_grad={CLIP}", "train.lr_rule=fixed",
+PREDECESSOR_CONDITIONS = ["train.optimizer=adam_l2", "train.weight_decay=0.05", f"train.clip_grad={CLIP}", "train.lr_rule=fixed",
                    f"train.lr={SUM_LR / STEPS}", f"train.min_lr={SUM_LR / STEPS}", "train.warmup_epochs=0"]
 print(f"seed's conditions: Σlr {SUM_LR:.3g} in {STEPS} steps = lr {SUM_LR / STEPS:.3g}; clip 1.0·√({P_OURS / 1e6:.3g} M "
-      f"/ {seed_run['parameters_millions']} M) = {CLIP:.3g}; healthy: w_i start at log ln {C} = {math.log(math.log(C)):.3f}")
+      f"/ {predecessor_run['parameters_millions']} M) = {CLIP:.3g}; healthy: w_i start at log ln {C} = {math.log(math.log(C)):.3f}")
 
 
 def train(folder: Path, overrides: list[str]) -> Path:
@@ -117,7 +117,7 @@ if run_dir is None:
     pretrained = Path(preset("demo").model.pretrained)
     assert pretrained.is_file(), f"{pretrained.name} is missing (the project's pretrained backbone)"
     work = Path(tempfile.mkdtemp(prefix="dcal_nb06_"))
-    runs = [train(work / "healthy", HEALTHY), train(work / "seed_conditions", SEED_CONDITIONS)]
+    runs = [train(work / "healthy", HEALTHY), train(work / "seed_conditions", PREDECESSOR_CONDITIONS)]
 else:
     runs = [Path(run_dir)]
 run = runs[0]

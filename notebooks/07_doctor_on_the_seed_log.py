@@ -35,9 +35,9 @@ pd.set_option("display.width", 160)
 import diagnostics
 from diagnostics.doctor import format_text, summarize
 
-SEED = Path("seed_evidence")  # copies of the seed's log and its transcription (sources in its README)
-facts = yaml.safe_load((SEED / "facts.yaml").read_text())
-epochs = pd.read_csv(SEED / "seed_run_epochs.csv")
+PREDECESSOR = Path("seed_evidence")  # copies of the seed's log and its transcription (sources in its README)
+facts = yaml.safe_load((PREDECESSOR / "facts.yaml").read_text())
+epochs = pd.read_csv(PREDECESSOR / "seed_run_epochs.csv")
 C = facts["run"]["num_classes"]
 
 # %% [markdown]
@@ -48,7 +48,7 @@ C = facts["run"]["num_classes"]
 # progress bars and the printed accumulation, and keeps how the run ended.
 
 # %%
-log = diagnostics.import_log(SEED / "train_log.txt", num_classes=C)
+log = diagnostics.import_log(PREDECESSOR / "train_log.txt", num_classes=C)
 print(f"{len(log.steps)} training records (one per {log.step_unit}), {len(log.evals)} evaluations")
 print("steps per epoch:", log.steps_per_epoch_source)
 print("ended:", log.end.status, "at epoch", log.end.epoch, "with", log.end.exception["type"])
