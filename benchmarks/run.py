@@ -27,7 +27,9 @@ faults per `DCAL.predict` at 224 px b8 (7-10 % of its time), 0 for the timm forw
 `--malloc fixed` (glibc only) fixes both thresholds with `mallopt` for the whole run (mmap above 32 MiB, never
 trim), as `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` would, so that A and B compare compute;
 `--malloc default` keeps the C library's policy; `--malloc auto` (the default) is `fixed` on glibc, else
-`default`.
+`default`. Warm-up: the training and inference rows keep warming up (up to `STEADY_PAIRS` more pairs) until
+no call faults in new pages, which the first steps of a run do (`timing.py` says how many); the row's note
+gives the warm-up pairs' page faults.
 
 Writes JSON (`--out`) and prints a markdown table.
 """
@@ -150,6 +152,18 @@ def row(name: str, what: str, a_label: str, b_label: str, a: dict, b: dict, rati
             "target_op": "<" if strict else "<=", "met": met, "note": note}
 
 
+# Training and inference rows compare steady calls: after the first warm-up pair, up to this many more until
+# no call faults in `timing.STEADY_FAULTS` pages (`benchmarks/timing.py` says why and what it measured).
+STEADY_PAIRS = 5
+
+
+def _warmup_note(t: dict) -> str:
+    f = t["warmup_faults"]
+    if f and f[-1][0] is not None:
+        return f"warm-up: {len(f)} pair(s), page faults {' '.join(f'{a}/{b}' for a, b in f)}"
+    return f"warm-up: {len(f)} pair(s)"
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -163,10 +177,11 @@ def bench_train(case: Case, s: Settings, device: torch.device) -> tuple[dict, di
     flop_ratio = None
     if s.flops:
         flop_ratio = flops_of(dc.forward_backward) / flops_of(sa.forward_backward)
-    t = ab_timing(sa, dc, repeats=s.train_pairs, budget_s=s.budget_s, sync=_sync(device), clock=_clock(s, device))
+    t = ab_timing(sa, dc, repeats=s.train_pairs, steady=STEADY_PAIRS, budget_s=s.budget_s, sync=_sync(device),
+                  clock=_clock(s, device))
     r = row(f"train/{case.name}", f"training step (fwd+bwd+AdamW), {case.label}", "SA", "DCAL",
             t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.train_target,
-            note="FLOPs: forward+backward (the optimiser step is not counted)")
+            note="FLOPs: forward+backward (the optimiser step is not counted); " + _warmup_note(t))
     return r, t["b"]
 
 
@@ -178,10 +193,11 @@ def bench_infer(case: Case, s: Settings, device: torch.device) -> dict:
     ours = lambda: model.predict(x)  # noqa: E731
     with torch.no_grad():
         flop_ratio = flops_of(ours) / flops_of(timm_fwd) if s.flops else None
-        t = ab_timing(timm_fwd, ours, repeats=s.infer_pairs, budget_s=s.budget_s, sync=_sync(device),
-                      clock=_clock(s, device))
+        t = ab_timing(timm_fwd, ours, repeats=s.infer_pairs, steady=STEADY_PAIRS, budget_s=s.budget_s,
+                      sync=_sync(device), clock=_clock(s, device))
     return row(f"infer/{case.name}", f"inference (eval, no_grad), {case.label}", "timm", "DCAL.predict",
-               t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.infer_target)
+               t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.infer_target,
+               note=_warmup_note(t))
 
 
 def bench_rollout(case: Case, s: Settings, device: torch.device, dcal_step: dict | None) -> list[dict]:

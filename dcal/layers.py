@@ -74,43 +74,61 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
 
 
-# On CPU, when the (B, H, N, N) fp32 scores are large, the explicit attention runs in tiles of query rows (all
-# heads at once, ~2 MiB of scores each): q·kᵀ, softmax, ·v and the head mean of a tile then stay in L2
-# instead of streaming the scores through memory several times. Measured (benchmarks/, deit-tiny, 1 thread):
-# at 448 px b2 (15 MB of scores) tiles cut the weights' overhead over SDPA by about half; at 224 px b8
-# (3.7 MB) one untiled pass was faster. GPUs: one pass. Whether a model may tile is its own switch,
-# `DCAL.attention_tiling`, passed down as `tiling` (off: one pass on CPU too, as a GPU runs it).
-_TILE_BYTES = 2 << 20
+# On CPU (`tiling`, the model's `DCAL.attention_tiling`) the explicit attention runs one head at a time: a
+# head's (B, Nq, Nk) fp32 scores are a third (deit-tiny) to a twelfth (ViT-B) of all heads', so q·kᵀ, the
+# softmax, ·v and the running head sum reuse them from cache, and q, k, v are read as the strided views of
+# the fused qkv output (no copies). The first head's softmax is written straight into the head-mean map.
+# Above `_UNTILED_MAX_BYTES` of scores per head, query rows run in tiles of at most that size.
+# Measured (one thread, Intel Xeon, `benchmarks/`): one block's attention output + head-mean weights at
+# deit-tiny 224 px b8 2.9-3.0 ms against 3.2-3.5 ms for all heads in one pass (fused SDPA: 2.3 ms), at
+# 448 px b2 9.3-9.5 ms against 10.4-11.3 ms (tiles of all heads); row tiles of a head were slower until the
+# scores reach ~20 MB per head, where they tie. Numbers equal the one pass's. GPUs: one batched pass
+# (`tiling=False`, also what `diagnostics.predict_step_memory` counts).
 _UNTILED_MAX_BYTES = 8 << 20
 
 
-def _tile_rows(q: Tensor, keys: int | None = None, tiling: bool = True) -> int:
-    """Query rows per tile: N (one pass) unless `tiling` is on, q is on CPU and the fp32 scores (N × `keys`,
-    default N) exceed `_UNTILED_MAX_BYTES`."""
-    B, H, N, _ = q.shape
-    keys = N if keys is None else keys
-    if not tiling or q.device.type != "cpu" or 4 * B * H * N * keys <= _UNTILED_MAX_BYTES:
-        return N
-    return max(1, min(N, _TILE_BYTES // (4 * B * H * keys)))
+def _tile_rows(B: int, Nq: int, Nk: int) -> int:
+    """Query rows per tile of one head's fp32 scores (B, rows, Nk): all `Nq` up to `_UNTILED_MAX_BYTES`."""
+    if 4 * B * Nq * Nk <= _UNTILED_MAX_BYTES:
+        return Nq
+    return max(1, min(Nq, _UNTILED_MAX_BYTES // (4 * B * Nk)))
 
 
-def _add_head_mean(a: Tensor, out: Tensor) -> None:
-    """out ← mean of `a` (B, H, t, N) over heads, written in place into `out` (B, t, N), a slice of the map."""
-    H = a.shape[1]
-    if H == 1:
-        out.copy_(a[:, 0])
-        return
-    torch.add(a[:, 0], a[:, 1], out=out)
-    for h in range(2, H):
-        out.add_(a[:, h])
-    out.div_(H)
+def _per_head(tiling: bool, q: Tensor) -> bool:
+    return tiling and q.device.type == "cpu"
 
 
 def _softmax_(scores: Tensor) -> Tensor:
-    """Softmax over the last dim, in place: the scores' buffer becomes the weights (no second (B, H, N, N)
-    buffer to allocate and fault in; bit-equal to `.softmax(-1)`). Measured: about a tenth off the explicit
-    attention at 224 px b8 (one thread). Only for scores no one else holds and autograd does not track."""
+    """Softmax over the last dim, in place: the scores' buffer becomes the weights (no second buffer to
+    allocate and fault in; bit-equal to `.softmax(-1)`). Only for scores no one else holds and autograd does
+    not track."""
     return torch.softmax(scores, -1, out=scores)
+
+
+def _attention_per_head(q: Tensor, k: Tensor, scale: float, v: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    """One head at a time (CPU): head-mean softmax(q·kᵀ·scale) (B, Nq, Nk), and with `v` the output
+    (B, H, Nq, hd) as a view of a (B, Nq, H, hd) buffer, the layout `attention_output` merges without a copy.
+    q, k, v fp32 (B, H, N·, hd), any strides. No autograd."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    rows = _tile_rows(B, Nq, Nk)
+    w = q.new_empty(B, Nq, Nk)
+    o = None if v is None else q.new_empty(B, Nq, H, v.shape[-1])
+    a = q.new_empty(B, rows, Nk) if H > 1 else None  # the other heads' scores, reused
+    for i in range(0, Nq, rows):
+        j = min(Nq, i + rows)
+        wi = w[:, i:j]  # (B, t, Nk)
+        for h in range(H):
+            s = wi if h == 0 else a[:, :j - i]
+            s.baddbmm_(q[:, h, i:j], k[:, h].transpose(1, 2), beta=0, alpha=scale)  # scores, scale folded in
+            _softmax_(s)
+            if o is not None:
+                torch.bmm(s, v[:, h], out=o[:, i:j, h])  # (B, t, hd)
+            if h:
+                wi.add_(s)
+    if H > 1:
+        w.div_(H)
+    return (None if o is None else o.transpose(1, 2)), w
 
 
 @torch.no_grad()
@@ -118,38 +136,21 @@ def head_mean_attention(q: Tensor, k: Tensor, scale: float, tiling: bool = True)
     """Softmax attention weights averaged over heads, fp32, outside autocast: (B, Nq, Nk).
 
     Recomputes q·kᵀ without gradient so that the differentiable path can keep the fused SDPA kernel.
-    `tiling`: on CPU, large scores may be computed in tiles of query rows (same numbers; off: one pass).
+    `tiling`: on CPU, one head at a time (same numbers; off: all heads in one pass, as on a GPU).
     """
     with torch.autocast(q.device.type, enabled=False):
-        B, H, N, _ = q.shape
-        Nk = k.shape[2]
-        qs, kt = q.float() * scale, k.float().transpose(-2, -1)  # (B, H, N, hd), (B, H, hd, Nk)
-        rows = _tile_rows(q, Nk, tiling)
-        if rows >= N:
-            return _softmax_(qs @ kt).mean(dim=1)
-        kt = kt.contiguous()  # once, not once per tile
-        w = q.new_empty(B, N, Nk, dtype=torch.float32)
-        for i in range(0, N, rows):
-            _add_head_mean(_softmax_(qs[:, :, i:i + rows] @ kt), w[:, i:i + rows])  # tile (B, H, t, N)
-        return w
+        q, k = q.float(), k.float()
+        if _per_head(tiling, q):
+            return _attention_per_head(q, k, scale)[1]
+        return _softmax_((q * scale) @ k.transpose(-2, -1)).mean(dim=1)
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, tiling: bool) -> tuple[Tensor, Tensor]:
     """softmax(q·kᵀ·scale)·v (B, H, N, hd) and its head mean (B, N, N): one softmax serves both."""
-    B, H, N, hd = q.shape
-    rows = _tile_rows(q, tiling=tiling)
-    if rows >= N:
-        a = _softmax_((q * scale) @ k.transpose(-2, -1))  # (B, H, N, N)
-        return a @ v, a.mean(dim=1)
-    # k and v come as strided views of the fused qkv output: made contiguous once, not once per tile.
-    qs, kt, v = q * scale, k.transpose(-2, -1).contiguous(), v.contiguous()  # (B, H, N, hd), (B, H, hd, N)
-    o = q.new_empty(B, N, H, hd)  # the layout `attention_output` merges heads in without a copy
-    w = q.new_empty(B, N, N)
-    for i in range(0, N, rows):
-        a = _softmax_(qs[:, :, i:i + rows] @ kt)  # (B, H, t, N)
-        o[:, i:i + rows] = (a @ v).transpose(1, 2)  # (B, t, H, hd)
-        _add_head_mean(a, w[:, i:i + rows])
-    return o.transpose(1, 2), w
+    if _per_head(tiling, q):
+        return _attention_per_head(q, k, scale, v)
+    a = _softmax_((q * scale) @ k.transpose(-2, -1))  # (B, H, N, N)
+    return a @ v, a.mean(dim=1)
 
 
 def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, tiling: bool) -> tuple[Tensor, Tensor]:
@@ -157,7 +158,7 @@ def _attend_with_weights(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, tilin
     no_dropout = not (attn.training and attn.attn_drop.p > 0)
     if not torch.is_grad_enabled() and q.dtype == torch.float32 and no_dropout:
         # Inference: one explicit softmax serves both the output and the rollout (no second q·kᵀ). On CPU,
-        # tiled, this is faster than SDPA plus a recomputed softmax for the weights (benchmarks/).
+        # per head, this is faster than SDPA plus a recomputed softmax for the weights (benchmarks/).
         return _explicit_attention(q, k, v, attn.scale, tiling)
     return _sdpa(attn, q, k, v), head_mean_attention(q, k, attn.scale, tiling)
 
@@ -172,7 +173,7 @@ def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True, tiling: boo
 
     Args:
         need_weights: also return the head-mean attention weights.
-        tiling: on CPU the weights may be computed in tiles of query rows (`DCAL.attention_tiling`).
+        tiling: on CPU the weights are computed one head at a time (`DCAL.attention_tiling`).
         cls_row: return only the CLS query's row of the weights, (B, 1, N): all that `attention_rollout`
             reads from the last map. The output then comes from the fused kernel.
 
@@ -183,7 +184,7 @@ def sa_block(block: nn.Module, x: Tensor, need_weights: bool = True, tiling: boo
     y = block.norm1(x)
     q, k, v = qkv(attn, y)
     if need_weights and cls_row:
-        o, w = _sdpa(attn, q, k, v), head_mean_attention(q[:, :, :1], k, attn.scale)  # w (B, 1, N)
+        o, w = _sdpa(attn, q, k, v), head_mean_attention(q[:, :, :1], k, attn.scale, tiling)  # w (B, 1, N)
     elif need_weights:
         o, w = _attend_with_weights(attn, q, k, v, tiling)
     else:
@@ -200,7 +201,7 @@ def pwca_block(block: nn.Module, x: Tensor, k2: Tensor, v2: Tensor,
         x: (B, N, C) PWCA hidden stream of image 1.
         k2, v2: (B, H, N, hd) keys/values of each row's paired image, from the SA pass at this block.
         need_weights: also return the head-mean attention weights (B, N, 2N), fp32, no gradient.
-        tiling: on CPU those weights may be computed in tiles of query rows (`DCAL.attention_tiling`).
+        tiling: on CPU those weights are computed one head at a time (`DCAL.attention_tiling`).
 
     Returns:
         x (B, N, C), or (x, weights) with `need_weights`.

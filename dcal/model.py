@@ -167,9 +167,10 @@ class DCAL(nn.Module):
         grad_checkpointing: recompute SA and PWCA blocks in backward (`torch.utils.checkpoint`).
 
     Attributes:
-        attention_tiling: on CPU, the explicit attention weights the rollout needs may run in tiles of query
-            rows when the scores are large (True, the default: same numbers, faster); False runs one untiled
-            pass, as on a GPU (`diagnostics.predict_step_memory` sets it to count a GPU step's tensors).
+        attention_tiling: on CPU, the explicit attention weights the rollout needs are computed one head at a
+            time, in tiles of query rows when a head's scores are large (True, the default: same numbers,
+            faster); False runs all heads in one pass, as on a GPU (`diagnostics.predict_step_memory` sets it
+            to count a GPU step's tensors).
     """
 
     def __init__(
@@ -235,7 +236,7 @@ class DCAL(nn.Module):
 
     @property
     def attention_tiling(self) -> bool:
-        """Whether, on CPU, the explicit attention weights may run in tiles of query rows (see the class)."""
+        """Whether, on CPU, the explicit attention weights run one head at a time, in tiles (see the class)."""
         return self._attention_tiling
 
     @attention_tiling.setter

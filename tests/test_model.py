@@ -468,44 +468,69 @@ def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
         torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_tiled_attention_paths_equal_the_untiled_ones(monkeypatch):
-    """The CPU tiling (inference output + weights, training weights) gives the same numbers as one pass."""
+def test_per_head_and_tiled_attention_equal_the_one_pass(monkeypatch):
+    """The CPU path (one head at a time, then also in tiles of query rows) gives the one pass's numbers:
+    inference output + weights, training weights."""
     import dcal.layers as layers
 
-    model = tiny().eval()
     x = torch.randn(3, 3, 32, 32)
-    ref = model(x)
-    ref_train = no_dropout(tiny()).train()(x, pair_index=torch.tensor([1, 2, 0]))
-    monkeypatch.setattr(layers, "_UNTILED_MAX_BYTES", 0)
-    monkeypatch.setattr(layers, "_TILE_BYTES", 4 * 3 * 3 * 17 * 5)  # 5 query rows per tile: uneven last tile
-    out = model(x)
-    torch.testing.assert_close(out.sa_logits, ref.sa_logits, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out.rollout, ref.rollout, atol=1e-6, rtol=1e-5)
-    assert torch.equal(out.local_index, ref.local_index)
-    train = no_dropout(tiny()).train()(x, pair_index=torch.tensor([1, 2, 0]))
-    torch.testing.assert_close(train.rollout, ref_train.rollout, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(train.pwca_logits, ref_train.pwca_logits, atol=1e-6, rtol=1e-5)
+    one_pass = tiny().eval()
+    one_pass.attention_tiling = False
+    ref = one_pass(x)
+    train_one = no_dropout(tiny()).train()
+    train_one.attention_tiling = False
+    ref_train = train_one(x, pair_index=torch.tensor([1, 2, 0]))
+    for max_bytes in (layers._UNTILED_MAX_BYTES, 4 * 3 * 17 * 5):  # per head; then 5 rows per tile, uneven last
+        monkeypatch.setattr(layers, "_UNTILED_MAX_BYTES", max_bytes)
+        out = tiny().eval()(x)
+        torch.testing.assert_close(out.sa_logits, ref.sa_logits, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.glca_logits, ref.glca_logits, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.rollout, ref.rollout, atol=1e-6, rtol=1e-5)
+        assert torch.equal(out.local_index, ref.local_index)
+        train = no_dropout(tiny()).train()(x, pair_index=torch.tensor([1, 2, 0]))
+        torch.testing.assert_close(train.rollout, ref_train.rollout, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(train.pwca_logits, ref_train.pwca_logits, atol=1e-6, rtol=1e-5)
+
+
+def test_per_head_attention_tiles_and_layout():
+    """`_attention_per_head` against the textbook formula, with tiles of 5 query rows and PWCA's 2N keys."""
+    import dcal.layers as layers
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 17, 8).unbind(0)  # (B, H, N, hd)
+    k2 = torch.randn(2, 4, 34, 8)
+    ref_a = ((q * 0.3) @ k.transpose(-2, -1)).softmax(-1)
+    old = layers._UNTILED_MAX_BYTES
+    try:
+        layers._UNTILED_MAX_BYTES = 4 * 2 * 17 * 5
+        assert layers._tile_rows(2, 17, 17) == 5
+        o, w = layers._attention_per_head(q, k, 0.3, v)
+        w2 = layers.head_mean_attention(q, k2, 0.3)
+    finally:
+        layers._UNTILED_MAX_BYTES = old
+    torch.testing.assert_close(o, ref_a @ v)
+    torch.testing.assert_close(w, ref_a.mean(1))
+    torch.testing.assert_close(w2, ((q * 0.3) @ k2.transpose(-2, -1)).softmax(-1).mean(1))
+    assert o.shape == (2, 4, 17, 8) and o.transpose(1, 2).is_contiguous()  # heads merge without a copy
 
 
 def test_attention_tiling_off_runs_one_pass(monkeypatch):
-    """`attention_tiling = False` (what a GPU step runs) never tiles, even where CPU tiling would; the
-    switch belongs to the model, so another model in the same process still tiles."""
+    """`attention_tiling = False` (what a GPU step runs) never takes the per-head CPU path; the switch
+    belongs to the model, so another model in the same process still does."""
     import dcal.layers as layers
 
     x = torch.randn(3, 3, 32, 32)
     untiled, tiled = tiny().eval(), tiny().eval()
     untiled.attention_tiling = False
-    tiles = []
-    real = layers._add_head_mean
-    monkeypatch.setattr(layers, "_UNTILED_MAX_BYTES", 0)  # CPU would tile any size,
-    monkeypatch.setattr(layers, "_TILE_BYTES", 4 * 3 * 3 * 17 * 5)  # 5 query rows per tile
-    monkeypatch.setattr(layers, "_add_head_mean", lambda a, out: (tiles.append(a.shape), real(a, out)))
+    calls = []
+    real = layers._attention_per_head
+    monkeypatch.setattr(layers, "_attention_per_head", lambda *a: (calls.append(a[0].shape), real(*a))[1])
     for grad in (False, True):  # inference (one explicit softmax) and training (SDPA + recomputed weights)
         with torch.set_grad_enabled(grad):
             untiled(x)
-            assert tiles == [], "attention_tiling=False tiled the attention"
+            assert calls == [], "attention_tiling=False ran the per-head CPU path"
             tiled(x)
-            assert tiles, "attention_tiling=True did not tile"
-            tiles.clear()
+            assert calls, "attention_tiling=True did not run the per-head CPU path"
+            calls.clear()
     with pytest.raises(dcal.ConfigError, match="attention_tiling must be a bool"):
         untiled.attention_tiling = "false"
