@@ -2,7 +2,8 @@
 
 PyTorch's counter knows the CUDA SDPA kernels but not `_scaled_dot_product_flash_attention_for_cpu`, so on
 CPU every fused attention would count as zero FLOPs. We register the same formula torch uses for the CUDA
-kernels (forward: 2 matmuls; backward: 5), once, on import of this module.
+kernels (forward: 2 matmuls; backward: 5), once, on import of this module. Likewise the in-place
+`baddbmm_` (the explicit attention's scores on CPU, `dcal.layers`), which it counts only out of place.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def _register_cpu_sdpa() -> None:
         @fc.register_flop_formula(bwd)
         def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+    inplace = getattr(_aten, "baddbmm_", None)
+    if inplace is not None and inplace not in fc.flop_registry:
+
+        @fc.register_flop_formula(inplace)
+        def _baddbmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            (b, m, k), n = a_shape, b_shape[-1]
+            return 2 * b * m * n * k  # torch's baddbmm formula: the matmul (the add is not counted)
 
 
 _register_cpu_sdpa()

@@ -213,6 +213,20 @@ def test_glca_cost_deit_tiny_448_200_classes():
     assert 0 < ratio <= 0.04, ratio  # paper: +2%
 
 
+def test_flop_count_is_the_same_per_head_and_in_one_pass():
+    """The CPU per-head attention (in-place `baddbmm_`) counts the FLOPs of the one pass; the inference
+    FLOP ratio stays at the rollout's small overhead over timm (DCAL_METHOD.md §10: ≈ 1.02)."""
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        per_head = count_flops(lambda: model(x))["Global"]
+        model.attention_tiling = False
+        one_pass = count_flops(lambda: model(x))["Global"]
+        timm_fwd = count_flops(lambda: model.backbone(x))["Global"]
+    assert per_head == one_pass
+    assert per_head > timm_fwd
+
+
 def glca_on(model, x, query_index):
     bb = model.backbone
     with torch.no_grad():

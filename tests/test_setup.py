@@ -73,3 +73,37 @@ def test_ruff_is_clean():
     args = [f for p in paths for f in (sorted(glob.glob(p, root_dir=ROOT)) if "*" in p else [p])]
     r = subprocess.run([sys.executable, "-m", "ruff", "check", *args], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+# The extras' top-level modules: `dcal train` must run with none of them importable (a core install).
+EXTRAS_MODULES = ("ipywidgets", "tensorboard", "IPython", "jupyterlab", "jupyter_client", "nbclient", "nbformat",
+                  "nbconvert", "jupytext", "papermill", "nbval", "pytest", "hypothesis", "playwright", "seaborn")
+
+# A None in sys.modules is how Python marks a module as absent: `import x` raises ModuleNotFoundError and
+# `importlib.util.find_spec(x)` returns None, as for a package that was never installed.
+_BLOCK_EXTRAS = """
+import sys
+sys.modules.update(dict.fromkeys({blocked!r}))
+from dcal_app.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_dcal_train_runs_on_a_core_install(tmp_path):
+    """`pip install .` without extras: `dcal train` (with its default callbacks) imports none of the extras'
+    modules; here they are made unimportable, as they are where only the core is installed."""
+    import subprocess
+
+    from test_train import TINY
+
+    argv = ["train", "--preset", "demo", "--out", str(tmp_path / "run")]
+    for s in TINY + [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"]:
+        argv += ["--set", s]
+    code = _BLOCK_EXTRAS.format(blocked=set(EXTRAS_MODULES), argv=argv)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    # The blocker itself works: the same process cannot import an extra.
+    probe = code.split("from dcal_app")[0] + "import ipywidgets\n"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr
