@@ -9,10 +9,11 @@ from torch import Tensor
 
 import dcal
 from dcal.flops import count_flops
-from dcal.layers import attention_rollout
+from dcal.layers import attention_rollout, embed_tokens, sa_block
 from dcal.loss import BRANCHES, branch_losses
 
-__all__ = ["Case", "CASES", "TrainStep", "make_train_step", "flops_of", "full_product_rollout", "random_maps"]
+__all__ = ["Case", "CASES", "TrainStep", "make_train_step", "flops_of", "full_product_rollout", "random_maps",
+           "inference_stages"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +151,30 @@ def full_product_rollout(maps: list[Tensor], residual: float = 0.5) -> Tensor:
 def chain_rollout(maps: list[Tensor]) -> Tensor:
     """Our rollout: the CLS-row chain (`dcal.attention_rollout`), O(L·N²)."""
     return attention_rollout(maps)
+
+
+def inference_stages(model: dcal.DCAL, x: Tensor) -> dict[str, Callable[[], object]]:
+    """`DCAL.predict`'s work in cumulative stages, each a call (eval, no_grad), for the inference breakdown:
+
+    - ``timm``: the plain timm forward of the same weights;
+    - ``weights``: the SA blocks as DCAL runs them, each also computing its head-mean attention weights (of
+      the last block read by the rollout, the CLS row), and the SA head;
+    - ``rollout``: that plus the CLS-row chain over those maps;
+    - ``predict``: `DCAL.predict` (that plus the top-k selection, GLCA and the fused probabilities).
+    """
+    bb = model.backbone
+    depth = len(bb.blocks) if model.glca_placement == "stacked" else len(bb.blocks) - 1
+
+    def sa(rollout: bool) -> Tensor:
+        h, maps, sums = embed_tokens(bb, x), [], []
+        for i, blk in enumerate(bb.blocks):
+            h, _, _, w = sa_block(blk, h, i < depth, model.attention_tiling, cls_row=i == depth - 1)
+            if w is not None:
+                maps.append(w)
+                sums.append(w.sum(dim=-1) if rollout else None)  # as `DCAL.forward` takes them
+        if rollout:
+            attention_rollout(maps, row_sums=sums)
+        return bb.forward_head(bb.norm(h))
+
+    return {"timm": lambda: bb(x), "weights": lambda: sa(False), "rollout": lambda: sa(True),
+            "predict": lambda: model.predict(x)}

@@ -17,7 +17,11 @@ and the target. Rows:
 - watch/<case>, watch-amortised/<case>: a hand-written loop's step with `diagnostics.watch` attached vs without
   (`benchmarks/watch.py`): the median per-pair ratio, and the ratio of total times.
 
-`--only SECTION[,SECTION]` runs some sections: train, infer, rollout, memory, overhead, watch.
+- infer-parts/<case>: where `DCAL.predict`'s time over timm goes, stage by stage (`cases.inference_stages`):
+  the SA blocks computing their attention weights vs timm, then the rollout chain, then selection + GLCA;
+  each row B/A of two adjacent stages, so the three ratios multiply to the whole.
+
+`--only SECTION[,SECTION]` runs some sections: train, infer, parts, rollout, memory, overhead, watch.
 
 Clock and allocator (both recorded in the JSON's ``machine``): on CPU each call is timed in process CPU time
 (`--clock cpu`, the default; `--clock wall` for wall time; CUDA always wall), so that other jobs on a shared
@@ -49,7 +53,8 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from .cases import CASES, Case, chain_rollout, flops_of, full_product_rollout, make_train_step, random_maps
+from .cases import (CASES, Case, chain_rollout, flops_of, full_product_rollout, inference_stages, make_train_step,
+                    random_maps)
 from .memory import peak_memory
 from .timing import ab_timing, quantiles, timing
 from .watch import bench_watch
@@ -70,7 +75,7 @@ class Settings:
     overhead_case: str = "demo"
     flops: bool = True
     watch_pairs: int = 40
-    sections: tuple[str, ...] = ("train", "infer", "rollout", "memory", "overhead", "watch")
+    sections: tuple[str, ...] = ("train", "infer", "parts", "rollout", "memory", "overhead", "watch")
     clock: str = "cpu"  # cpu: process CPU time on CPU devices (wall on CUDA); wall: wall time everywhere
     malloc: str = "auto"  # fixed: glibc mmap/trim thresholds fixed (see the docstring); default; auto: fixed on glibc
 
@@ -198,6 +203,24 @@ def bench_infer(case: Case, s: Settings, device: torch.device) -> dict:
     return row(f"infer/{case.name}", f"inference (eval, no_grad), {case.label}", "timm", "DCAL.predict",
                t["a"], t["b"], t["ratio"], pairs=t["pairs"], flop_ratio=flop_ratio, target=case.infer_target,
                note=_warmup_note(t))
+
+
+def bench_infer_parts(case: Case, s: Settings, device: torch.device) -> list[dict]:
+    """`DCAL.predict` over timm in three adjacent A/B rows: + attention weights, + rollout, + selection/GLCA."""
+    model = case.build(device).eval()
+    x, _ = case.batch_on(device)
+    stages = inference_stages(model, x)
+    steps = (("weights", "timm", "weights", "SA blocks computing their attention weights"),
+             ("rollout", "weights", "rollout", "the rollout chain over those maps"),
+             ("glca", "rollout", "predict", "the top-k selection, GLCA and the fused probabilities"))
+    rows = []
+    with torch.no_grad():
+        for name, a, b, what in steps:
+            t = ab_timing(stages[a], stages[b], repeats=s.infer_pairs, steady=STEADY_PAIRS, budget_s=s.budget_s,
+                          sync=_sync(device), clock=_clock(s, device))
+            rows.append(row(f"infer-parts/{case.name}/{name}", f"inference breakdown, {case.label}: + {what}",
+                            a, b, t["a"], t["b"], t["ratio"], pairs=t["pairs"], note=_warmup_note(t)))
+    return rows
 
 
 def bench_rollout(case: Case, s: Settings, device: torch.device, dcal_step: dict | None) -> list[dict]:
@@ -366,7 +389,7 @@ def run(settings: Settings, device: torch.device, threads: int, log=print) -> di
                 log(f"  {r['name']}: {r['note']}")
 
     on = set(settings.sections)
-    for name in settings.cases if on & {"train", "infer", "rollout"} else ():
+    for name in settings.cases if on & {"train", "infer", "parts", "rollout"} else ():
         case = CASES[name]
         log(f"{case.name}: {case.label}")
         if "train" in on:
@@ -375,6 +398,9 @@ def run(settings: Settings, device: torch.device, threads: int, log=print) -> di
             _free(device)
         if "infer" in on:
             add(bench_infer(case, settings, device))
+            _free(device)
+        if "parts" in on:
+            add(bench_infer_parts(case, settings, device))
             _free(device)
         if "rollout" in on:
             add(bench_rollout(case, settings, device, steps.get(name)))

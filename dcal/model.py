@@ -283,6 +283,7 @@ class DCAL(nn.Module):
         h = embed_tokens(bb, x)  # (B, N, C)
         h_pw = h
         weights: list[Tensor] = []
+        sums: list[Tensor] = []
         pwca_weights: list[Tensor] = []
         glca_input = None
         for i, blk in enumerate(blocks):
@@ -294,6 +295,7 @@ class DCAL(nn.Module):
             h, k, v, w = self._run_sa(blk, h, need_w, cls_row=i == rollout_depth - 1)
             if need_w:
                 weights.append(w)
+                sums.append(w.float().sum(dim=-1))  # while the map is in cache (see `attention_rollout`)
             if use_pwca:
                 k2, v2 = k[pair_index], v[pair_index]  # (B, H, N, hd): image 2's K/V from this SA pass
                 if self.pwca_detach_kv:
@@ -308,7 +310,7 @@ class DCAL(nn.Module):
             glca_input = h
 
         names = [f"backbone.blocks.{i}" for i in range(rollout_depth)]
-        full = attention_rollout(weights, names)  # (B, N)
+        full = attention_rollout(weights, names, row_sums=sums)  # (B, N)
         rollout = full[:, self.num_prefix_tokens:]  # (B, P)
         local_index = select_local(rollout, self.num_local, self.glca_selection)  # (B, k)
 

@@ -27,6 +27,9 @@ def test_benchmark_harness_runs_on_the_tiny_preset(tmp_path, capsys):
         r = rows[name]
         assert r["ratio"]["q1"] <= r["ratio"]["median"] <= r["ratio"]["q3"], name
         assert r["a"]["median"] > 0 and r["b"]["median"] > 0, name
+    for part in ("weights", "rollout", "glca"):  # the inference breakdown, stage by stage
+        assert rows[f"infer-parts/tiny/{part}"]["b"]["median"] > 0
+    assert "page faults" in rows["train/tiny"]["note"] or "warm-up" in rows["train/tiny"]["note"]
     assert rows["train/tiny"]["flop_ratio"] > 1.5  # DCAL ≈ 2× SA in FLOPs
     assert rows["rollout/tiny"]["flop_ratio"] < 1  # the chain is cheaper than the full product
     assert "TorchDispatchMode" in rows["memory/tiny/dcal_vs_sa"]["note"]
@@ -48,3 +51,18 @@ def test_only_runs_the_named_sections(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["watch/tiny", "watch-amortised/tiny"]
     assert "unknown section(s) ['trian']" in capsys.readouterr().err
+
+
+def test_inference_stages_run_what_predict_runs():
+    """The breakdown's stages compute DCAL's SA logits, and the last stage is `DCAL.predict` itself."""
+    from benchmarks.cases import CASES, inference_stages
+
+    model = CASES["tiny"].build(torch.device("cpu")).eval()
+    x, _ = CASES["tiny"].batch_on(torch.device("cpu"))
+    stages = inference_stages(model, x)
+    with torch.no_grad():
+        ref = model(x)
+        for name in ("weights", "rollout"):
+            torch.testing.assert_close(stages[name](), ref.sa_logits)
+        torch.testing.assert_close(stages["predict"](), model.predict(x))
+        torch.testing.assert_close(stages["timm"](), ref.sa_logits, atol=1e-5, rtol=1e-4)

@@ -119,6 +119,22 @@ def test_rollout_chain_equals_full_product_on_random_stochastic_maps():
     torch.testing.assert_close(attention_rollout(maps[:-1] + [maps[-1][:, :1]]), acc[:, 0].float(), atol=1e-6, rtol=1e-5)
 
 
+def test_rollout_with_the_callers_row_sums_equals_without():
+    """Row sums taken by the caller (as `DCAL.forward` takes them, per block) give the same chain; row sums
+    that do not belong to the maps are an error, and a NaN in them is caught as in the maps."""
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.rand(2, 9, 9, generator=g).softmax(-1) * 1.3 for _ in range(4)]  # rows summing to 1.3
+    maps[-1] = maps[-1][:, :1]  # the last map's CLS row
+    sums = [m.sum(-1) for m in maps]
+    torch.testing.assert_close(attention_rollout(maps, row_sums=sums), attention_rollout(maps))
+    with pytest.raises(dcal.RolloutError, match="row sums of shapes"):
+        attention_rollout(maps, row_sums=sums[:-1] + [sums[0]])
+    sums[1] = sums[1].clone()
+    sums[1][0, 3] = float("nan")
+    with pytest.raises(dcal.RolloutError, match="blocks.1: attention map holds non-finite"):
+        attention_rollout(maps, [f"blocks.{i}" for i in range(4)], row_sums=sums)
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda m: m[:2] + [None] + m[3:], "blocks.2: no attention map"),
     (lambda m: m[:1] + [m[1][:, :5, :5]] + m[2:], "blocks.1: attention map has shape"),
