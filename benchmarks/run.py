@@ -53,8 +53,16 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from .cases import (CASES, Case, chain_rollout, flops_of, full_product_rollout, inference_stages, make_train_step,
-                    random_maps)
+from .cases import (
+    CASES,
+    Case,
+    chain_rollout,
+    flops_of,
+    full_product_rollout,
+    inference_stages,
+    make_train_step,
+    random_maps,
+)
 from .memory import peak_memory
 from .timing import ab_timing, quantiles, timing
 from .watch import bench_watch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from diagnostics import import_log
-from diagnostics.logimport.crash import exception_kind, parse_oom
+from diagnostics.logimport.crash import exception_kind, oom_device, parse_oom
 from diagnostics.logimport.text import strip_prefix
 from diagnostics.logimport.unwrap import unwrap, wrap_width
 
@@ -109,6 +109,21 @@ def test_the_level_stripper_keeps_an_exception_head():
 ])
 def test_exception_kind(message, expected):
     assert exception_kind("RuntimeError", message) == expected
+
+
+@pytest.mark.parametrize("wording,device", [("cuda-caching-allocator", "CUDA"), ("cudamalloc", "CUDA"),
+                                             ("old-oom-class", "CUDA"), ("mps", "MPS"), ("cpu-allocator", "CPU")])
+def test_the_oom_finding_names_the_memory_that_ran_out(tmp_path, wording, device):
+    """An MPS or host-allocator OOM is not called "CUDA out of memory"."""
+    from diagnostics.doctor import diagnose
+
+    type_, message, _ = WORDINGS[wording]
+    assert oom_device(type_, message) == device
+    path = tmp_path / "train_log.txt"
+    path.write_text("\n".join(plain(type_, message)) + "\n", encoding="utf-8")
+    f = next(f for f in diagnose(import_log(path)) if f.code == "oom")
+    assert f.message.startswith(f"{device} out of memory at "), f.message
+    assert oom_device("MemoryError", "") == "CPU" and oom_device("RuntimeError", "XPU out of memory.") == "XPU"
 
 
 def test_allocator_numbers_only_where_the_message_has_them():

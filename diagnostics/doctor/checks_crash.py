@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..logimport import exception_kind, parse_oom
-from ..logimport.crash import UNITS
+from ..logimport.crash import UNITS, oom_device
 from ..runlog import RunLog
 from .common import ModelShape
 from .findings import Finding
@@ -179,7 +179,8 @@ def check_oom(log: RunLog, C, shape: ModelShape | None = None) -> Finding | None
              "step" if end.context.get("after_eval") else "")
     match, matches = _match_text(oom, shape)
     return Finding("oom", "error",
-                   f"CUDA out of memory at {_where(log)}{_code_where(log)}: " + ", ".join(numbers) + "."
+                   f"{oom_device(exc['type'], exc['message'])} out of memory at {_where(log)}{_code_where(log)}: "
+                   + ", ".join(numbers) + "."
                    + _reading(oom) + match + after.replace("; it", " It", 1) + ("." if after else ""),
                    {"type": exc["type"], "epoch": end.epoch, "step": end.step, "line": end.line,
                     "progress": end.context.get("progress"), "after_eval": end.context.get("after_eval"),

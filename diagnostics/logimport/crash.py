@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Traceback", "TracebackReader", "parse_oom", "exception_kind", "EXCEPTION_LINE", "UNITS", "OOM_MARKERS"]
+__all__ = ["Traceback", "TracebackReader", "parse_oom", "oom_device", "exception_kind", "EXCEPTION_LINE", "UNITS",
+           "OOM_MARKERS"]
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -170,6 +171,23 @@ def exception_kind(type_name: str | None, message: str) -> str:
     if "NonFinite" in (type_name or "") or _NONFINITE.search(message):
         return "nonfinite"
     return "exception"
+
+
+_CPU_OOM = re.compile(r"DefaultCPUAllocator|can't allocate memory|not enough memory|(?<![A-Za-z])MemoryError|std::bad_alloc"
+                      r"|Cannot allocate memory", re.I)
+
+
+def oom_device(type_name: str | None, message: str) -> str:
+    """Which memory ran out, as the message says: "MPS", "XPU", "CPU" (the host allocator, `MemoryError`),
+    else "CUDA" (the caching allocator, cudaMalloc, cuBLAS/cuDNN workspaces)."""
+    text = f"{type_name or ''}: {message}"
+    if re.search(r"\bMPS\b", text):
+        return "MPS"
+    if re.search(r"\bXPU\b", text):
+        return "XPU"
+    if _CPU_OOM.search(text):
+        return "CPU"
+    return "CUDA"
 
 
 def parse_oom(message: str) -> dict:
