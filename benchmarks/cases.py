@@ -170,8 +170,9 @@ def inference_stages(model: dcal.DCAL, x: Tensor) -> dict[str, Callable[[], obje
         for i, blk in enumerate(bb.blocks):
             h, _, _, w = sa_block(blk, h, i < depth, model.attention_tiling, cls_row=i == depth - 1)
             if w is not None:
-                maps.append(w)
-                sums.append(w.sum(dim=-1) if rollout else None)  # as `DCAL.forward` takes them
+                maps.append(w)  # kept to the end in both stages, as `DCAL.forward` keeps them
+                if rollout:
+                    sums.append(w.sum(dim=-1))  # as `DCAL.forward` takes them
         if rollout:
             attention_rollout(maps, row_sums=sums)
         return bb.forward_head(bb.norm(h))

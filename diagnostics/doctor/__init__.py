@@ -19,60 +19,7 @@ from .common import ModelShape
 from .findings import CODES, SEVERITIES, Finding
 from .reading import read_log
 from .report_text import format_summary, format_text, summarize, to_json
-from .rules import (  # every threshold, each with its rule
-    ACC_FALL_FRACTION,
-    BOUND_ATOL,
-    CHANCE_ACC_FACTOR,
-    CHANCE_ACC_OVERRULES,
-    CHANCE_LOSS_FRACTION,
-    CHANCE_MIN_LATE_RECORDS,
-    CHANCE_W_TOLERANCE,
-    COLLAPSE_FRACTION,
-    DIVERGENCE_GROWTH_FACTOR,
-    DIVERGENCE_LNC_FACTOR,
-    DIVERGENCE_MIN_RECORDS,
-    DIVERGENCE_T_STAT,
-    EQUILIBRIUM_W_TOLERANCE,
-    FROZEN_MIN_FRACTION,
-    FROZEN_MIN_STEPS,
-    LAG_MIN_GAP,
-    LAG_MIN_RECORDS,
-    LAG_SAME_DIRECTION,
-    LAG_SPEED_RANGE,
-    LATE_FRACTION,
-    LR_FLAT_TOLERANCE,
-    LR_RULE_RATIO,
-    MEM_ERROR_FRACTION,
-    MEM_MIN_GROWTH_FRACTION,
-    MEM_MIN_GROWTH_MB,
-    MEM_MIN_POINTS,
-    MEM_SKIP_FRACTION,
-    MEM_T_STAT,
-    OOM_EDGE_FRACTION,
-    OVERFIT_ACC_STILL_GAINS,
-    OVERFIT_GAP_MIN,
-    OVERFIT_GAP_WIDENING,
-    OVERFIT_MIN_EVALS,
-    OVERFIT_MIN_RISE_FRACTION,
-    OVERFIT_MIN_RISE_SCALE,
-    OVERFIT_TRAIN_FALL,
-    OVERFIT_VAL_STALL,
-    PINNED_MIN_FRACTION,
-    PINNED_MIN_STEPS,
-    REGRESSION_MIN_DROP,
-    REGRESSION_MIN_EVALS,
-    REGRESSION_MIN_FRACTION,
-    RISE_MIN_FRACTION,
-    RISE_MIN_RECORDS,
-    RISE_MIN_RUN_FRACTION,
-    RISE_SMOOTH_DIVISOR,
-    RISE_T_STAT,
-    TRUNCATED_STEP_FRACTION,
-    UNSTABLE_MIN_RECORDS,
-    UNSTABLE_SIGN_CHANGES,
-    UNSTABLE_SWING,
-    UNSTABLE_T_STAT,
-)
+from .rules import *  # noqa: F403  every threshold, each with its rule (their names: rules.__all__)
 
 
 def __getattr__(name: str):
@@ -86,19 +33,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["Finding", "SEVERITIES", "CODES", "ModelShape", "diagnose", "diagnose_log", "read_log", "summarize",
-           "format_text", "format_summary", "to_json", "write_html", "import_finding", "skipped_checks",
+           "format_text", "format_summary", "to_json", "write_html", "import_finding", "skipped_checks",  # noqa: F405 (write_html: lazy)
            "model_shape", "match_attention_maps", "OOM_ROUNDING_BYTES", "rules", "check_overfitting",
-           "check_accuracy_regression", "check_divergence", "check_unstable",
-           "LATE_FRACTION", "CHANCE_ACC_FACTOR", "CHANCE_LOSS_FRACTION", "CHANCE_MIN_LATE_RECORDS",
-           "CHANCE_ACC_OVERRULES", "CHANCE_W_TOLERANCE", "EQUILIBRIUM_W_TOLERANCE",
-           "COLLAPSE_FRACTION", "REGRESSION_MIN_DROP", "REGRESSION_MIN_FRACTION", "REGRESSION_MIN_EVALS",
-           "OVERFIT_MIN_EVALS", "OVERFIT_MIN_RISE_FRACTION", "OVERFIT_MIN_RISE_SCALE",
-           "OVERFIT_TRAIN_FALL", "OVERFIT_ACC_STILL_GAINS", "OVERFIT_GAP_MIN", "OVERFIT_GAP_WIDENING", "OVERFIT_VAL_STALL",
-           "DIVERGENCE_LNC_FACTOR", "DIVERGENCE_GROWTH_FACTOR", "DIVERGENCE_MIN_RECORDS",
-           "DIVERGENCE_T_STAT", "UNSTABLE_MIN_RECORDS", "UNSTABLE_SWING", "UNSTABLE_SIGN_CHANGES",
-           "UNSTABLE_T_STAT", "TRUNCATED_STEP_FRACTION", "RISE_MIN_RECORDS", "RISE_MIN_RUN_FRACTION",
-           "RISE_MIN_FRACTION", "RISE_T_STAT", "LR_FLAT_TOLERANCE", "ACC_FALL_FRACTION",
-           "RISE_SMOOTH_DIVISOR", "LAG_MIN_RECORDS", "LAG_SPEED_RANGE", "LAG_SAME_DIRECTION",
-           "LAG_MIN_GAP", "BOUND_ATOL", "PINNED_MIN_STEPS", "PINNED_MIN_FRACTION", "FROZEN_MIN_STEPS",
-           "FROZEN_MIN_FRACTION", "LR_RULE_RATIO", "MEM_SKIP_FRACTION", "MEM_MIN_POINTS", "MEM_T_STAT",
-           "MEM_MIN_GROWTH_MB", "MEM_MIN_GROWTH_FRACTION", "MEM_ERROR_FRACTION", "OOM_EDGE_FRACTION"]
+           "check_accuracy_regression", "check_divergence", "check_unstable", *rules.__all__]
